@@ -1,0 +1,67 @@
+"""The ImageNet recipe: GoogLeNet (paper variant) on imagenet2012 from tfds.
+
+Every other config starts from this one and changes only what differs.
+Override any field on the command line: `--config.batch_size=256`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- Input pipeline (gnet_jax/input_pipeline.py) ---
+  # Any tfds image-classification dataset name ("imagenet2012", "imagenette/320px",
+  # "cifar10", ...), "digits" for the built-in offline dataset, or "folder:/path/to/root"
+  # for a folder of images laid out as root/<split>/<class>/*.jpg.
+  config.dataset = 'imagenet2012'
+  config.data_dir = config_dict.placeholder(str)  # tfds data directory; None means tfds's default.
+  config.manual_dir = config_dict.placeholder(str)  # Where the ImageNet archives were downloaded by hand.
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224  # Square side of the network's input.
+  # 'inception': train = random-resized crop (area 8-100%, aspect 3/4-4/3) + flip, eval =
+  # centre crop 0.875; for photographs. 'small': train = resize, zero-pad 1/8 and random
+  # crop back (+ flip where allowed), eval = resize; for digits/MNIST/CIFAR-sized data.
+  config.augment = 'inception'
+  # Horizontal flip in training. None: on, except for datasets a mirror breaks (digits,
+  # MNIST, SVHN...); True/False forces it (e.g. False for a folder of text images).
+  config.random_flip = config_dict.placeholder(bool)
+  # Hold this process's raw (still encoded) records in memory: every epoch is then a full
+  # permutation and resuming mid-epoch is instant. Small datasets only (digits, MNIST,
+  # CIFAR); folders are always read this way (their file list is in memory).
+  config.cache = False
+  # Records in the seeded shuffle buffer of a tfds dataset read from disk (cache=False).
+  config.shuffle_buffer = 16_384
+  config.skip_corrupt_images = False  # Skip (and count) undecodable images instead of failing.
+  config.input_dtype = 'float32'  # dtype of the images handed to the device.
+
+  # --- Model (gnet_jax/model.py) ---
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = 'paper'  # 'paper' or 'torchvision'.
+  config.model.aux_logits = True  # The paper's two auxiliary heads, loss weight 0.3.
+  config.model.dropout_rate = config_dict.placeholder(float)  # None: the variant's (0.4 paper, 0.2 torchvision).
+  config.model.use_bn = True  # False builds the paper's network without BatchNorm.
+  config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
+
+  # --- Optimisation (gnet_jax/train_lib.py) ---
+  config.seed = 0  # Initialisation, dropout and data order all derive from it.
+  config.batch_size = 256  # Global batch over all devices and processes.
+  config.num_epochs = 90
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.optimizer = 'sgd'  # 'sgd' (momentum) or 'adamw'.
+  config.momentum = 0.9
+  config.nesterov = True
+  # Learning rate for a global batch of 256, scaled linearly with config.batch_size.
+  config.base_learning_rate = 0.1
+  # 'cosine' (after warmup), 'paper' (x0.96 every 8 epochs, section 6) or 'constant'.
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 5
+  config.weight_decay = 1e-4  # On conv and dense kernels; never on BatchNorm or biases.
+  config.label_smoothing = 0.1
+  config.grad_clip_norm = 0.0  # > 0 clips gradients to this global norm.
+
+  # --- What a person sees (gnet_jax/metrics.py) ---
+  config.log_every_steps = 100  # Train metrics to TensorBoard and metrics.jsonl.
+  config.eval_every_steps = 5000  # Full eval split; <= 0: only at the end.
+  return config

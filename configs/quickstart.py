@@ -1,0 +1,31 @@
+"""Quickstart: GoogLeNet on the built-in digits, offline, a few minutes on a laptop CPU.
+
+    python train.py --config configs/quickstart.py --workdir /tmp/gnet_quickstart
+"""
+from configs import cpu
+
+
+def get_config():
+  config = cpu.get_config()
+  config.dataset = 'digits'  # 1,797 8x8 scikit-learn digits, written as tfds files
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.image_size = 32  # the smallest GoogLeNet takes: its last feature map is 1x1
+  config.augment = 'small'
+  config.cache = True
+  config.shuffle_buffer = 2048
+
+  config.model.variant = 'paper'
+  config.model.aux_logits = True
+
+  config.batch_size = 64
+  config.num_epochs = 20
+  config.optimizer = 'sgd'
+  config.base_learning_rate = 0.4  # for batch 256; scaled to the batch size
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 1
+  config.weight_decay = 5e-4
+  config.label_smoothing = 0.0
+  config.log_every_steps = 20
+  config.eval_every_steps = 200
+  return config

@@ -1,0 +1,319 @@
+"""GoogLeNet (Inception v1) in Flax linen, laid out like Table 1 of Szegedy et al. 2015.
+
+Two variants share this code:
+- "paper" (default): the table in shared/reference/GOOGLENET.md: path 3 is a 5x5 conv,
+  the stride-2 max pools are 3x3/2 with padding 1, dropout 0.4 before the classifier,
+  auxiliary heads pool 5x5/3.
+- "torchvision": the function of `torchvision.models.googlenet`, so its pretrained weights
+  load: path 3 is a 3x3 conv (pytorch/vision#906), ceil-mode max pools without padding,
+  a 2x2/2 pool before 5a, BatchNorm eps 1e-3, dropout 0.2, aux heads pool adaptively
+  to 4x4, optional `transform_input`.
+
+Images are NHWC. The model knows nothing of devices or meshes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VARIANTS = ('paper', 'torchvision')
+
+# Table 1: (ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj) of each block.
+INCEPTION_WIDTHS = {
+    'inception_3a': (64, 96, 128, 16, 32, 32),
+    'inception_3b': (128, 128, 192, 32, 96, 64),
+    'inception_4a': (192, 96, 208, 16, 48, 64),
+    'inception_4b': (160, 112, 224, 24, 64, 64),
+    'inception_4c': (128, 128, 256, 24, 64, 64),
+    'inception_4d': (112, 144, 288, 32, 64, 64),
+    'inception_4e': (256, 160, 320, 32, 128, 128),
+    'inception_5a': (256, 160, 320, 32, 128, 128),
+    'inception_5b': (384, 192, 384, 48, 128, 128),
+}
+
+# The smallest input side accepted: at 32x32 the last feature map is 1x1.
+MIN_IMAGE_SIZE = 32
+
+# torchvision's transform_input turns ImageNet-normalised input into the [-1, 1] range
+# that its ported TensorFlow weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# He initialisation keeps activations alive also without BatchNorm (use_bn=False).
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+dense_init = nn.initializers.truncated_normal(0.01)
+
+
+class GoogLeNetOutputs(NamedTuple):
+  """What a training-mode call with aux_logits returns."""
+  logits: jax.Array
+  aux_4a: jax.Array
+  aux_4d: jax.Array
+
+
+class BasicConv(nn.Module):
+  """Conv -> BatchNorm -> ReLU (conv with bias and no BatchNorm when use_bn=False)."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  use_bn: bool = True
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    pad = (self.kernel_size - 1) // 2  # keeps H and W at stride 1
+    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                strides=self.strides, padding=((pad, pad), (pad, pad)),
+                use_bias=not self.use_bn, kernel_init=conv_init,
+                dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
+    if self.use_bn:
+      # Flax momentum 0.9 is torch's momentum 0.1.
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=self.bn_epsilon, dtype=self.dtype,
+                       param_dtype=jnp.float32, name='bn')(x)
+    return nn.relu(x)
+
+
+def max_pool_ceil(x, window: int, stride: int):
+  """torch's MaxPool2d(window, stride, ceil_mode=True, padding=0) on NHWC input.
+
+  Ceil mode keeps a last, partial window as long as it starts inside the input;
+  padding with -inf on the bottom/right gives exactly that.
+  """
+  pads = []
+  for n in x.shape[1:3]:
+    out = math.ceil((n - window) / stride) + 1
+    if (out - 1) * stride >= n:
+      out -= 1
+    pads.append((0, (out - 1) * stride + window - n))
+  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+class MaxPool(nn.Module):
+  """A max pool as a named layer, so the summary can list it like the paper's table."""
+  window: int = 3
+  stride: int = 2
+  ceil_mode: bool = False  # torchvision; otherwise padded by (window - 1) // 2
+
+  def __call__(self, x):
+    if self.ceil_mode:
+      return max_pool_ceil(x, self.window, self.stride)
+    pad = (self.window - 1) // 2
+    return nn.max_pool(x, (self.window, self.window), (self.stride, self.stride),
+                       padding=((pad, pad), (pad, pad)))
+
+
+class GlobalAvgPool(nn.Module):
+  """Global average pooling as a named layer, for the same reason."""
+
+  def __call__(self, x):
+    return jnp.mean(x, axis=(1, 2))
+
+
+class Inception(nn.Module):
+  """The Inception block: four same-size paths concatenated on channels.
+
+  Fields are Table 1's columns. `ch5x5_kernel` is 5 as in the paper; torchvision's
+  weights have 3 there. Path 4's 3x3/1 pool is padded by 1 in both variants (at stride 1
+  torchvision's ceil mode changes nothing).
+  """
+  ch1x1: int
+  ch3x3_reduce: int
+  ch3x3: int
+  ch5x5_reduce: int
+  ch5x5: int
+  pool_proj: int
+  ch5x5_kernel: int = 5
+  use_bn: bool = True
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def conv(name, features, kernel_size):
+      return BasicConv(features, kernel_size, use_bn=self.use_bn,
+                       bn_epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
+
+    path1 = conv('ch1x1', self.ch1x1, 1)(x, train)
+    path2 = conv('ch3x3_reduce', self.ch3x3_reduce, 1)(x, train)
+    path2 = conv('ch3x3', self.ch3x3, 3)(path2, train)
+    path3 = conv('ch5x5_reduce', self.ch5x5_reduce, 1)(x, train)
+    path3 = conv('ch5x5', self.ch5x5, self.ch5x5_kernel)(path3, train)
+    path4 = MaxPool(3, 1, name='pool')(x)
+    path4 = conv('pool_proj', self.pool_proj, 1)(path4, train)
+    return jnp.concatenate([path1, path2, path3, path4], axis=-1)
+
+
+def _window_average_matrix(n: int, windows) -> np.ndarray:
+  """(len(windows), n) matrix whose row i averages x[start_i:end_i]."""
+  m = np.zeros((len(windows), n), np.float32)
+  for i, (start, end) in enumerate(windows):
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def aux_pool_windows(n: int, paper: bool):
+  """The 4 pooling windows along one side of the aux heads' input.
+
+  The paper pools 5x5 with stride 3, which at its 14x14 input gives 4x4. At other
+  input sizes (and always in torchvision) the windows are those of adaptive average
+  pooling to 4, so the flattened size the FC layer sees never changes.
+  """
+  if paper and n == 14:
+    return [(3 * i, 3 * i + 5) for i in range(4)]
+  return [(i * n // 4, -(-(i + 1) * n // 4)) for i in range(4)]
+
+
+class AuxHead(nn.Module):
+  """Auxiliary classifier (paper section 5) on the outputs of 4a and 4d."""
+  num_classes: int
+  dropout_rate: float = 0.7
+  paper: bool = True
+  use_bn: bool = True
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h, w = x.shape[1:3]
+    ph = _window_average_matrix(h, aux_pool_windows(h, self.paper))
+    pw = _window_average_matrix(w, aux_pool_windows(w, self.paper))
+    x = jnp.einsum('ih,jw,nhwc->nijc', ph.astype(x.dtype), pw.astype(x.dtype), x)
+    x = BasicConv(128, 1, use_bn=self.use_bn, bn_epsilon=self.bn_epsilon,
+                  dtype=self.dtype, name='conv')(x, train)
+    x = x.reshape(x.shape[0], -1)  # HWC order; the converter reorders torch's CHW
+    x = nn.relu(nn.Dense(1024, kernel_init=dense_init, dtype=self.dtype,
+                         param_dtype=jnp.float32, name='fc1')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
+                    param_dtype=jnp.float32, name='fc2')(x)
+
+
+class GoogLeNet(nn.Module):
+  """GoogLeNet / Inception v1.
+
+  Attributes:
+    num_classes: size of the classifier.
+    variant: 'paper' or 'torchvision' (see the module docstring).
+    aux_logits: build the two auxiliary heads; they only run in training mode.
+    dropout_rate: before the classifier; None means the variant's (0.4 / 0.2).
+    aux_dropout_rate: inside the aux heads (0.7 in the paper and torchvision).
+    use_bn: BatchNorm after every conv; False gives the paper's network without it.
+    transform_input: torchvision's input transform (its pretrained weights need it).
+    dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32 and the
+      logits are returned as float32.
+
+  Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a
+  `GoogLeNetOutputs(logits, aux_4a, aux_4d)`.
+  """
+  num_classes: int = 1000
+  variant: str = 'paper'
+  aux_logits: bool = True
+  dropout_rate: float | None = None
+  aux_dropout_rate: float = 0.7
+  use_bn: bool = True
+  transform_input: bool = False
+  dtype: Any = jnp.float32
+
+  def _check_input(self, x):
+    if self.variant not in VARIANTS:
+      raise ValueError(f'variant must be one of {VARIANTS}, got {self.variant!r}.')
+    if x.ndim != 4:
+      raise ValueError(
+          f'GoogLeNet expects a batch of NHWC images of rank 4, got shape {x.shape} '
+          f'(rank {x.ndim}); add a batch axis with images[None] for a single image.')
+    if x.shape[-1] != 3:
+      raise ValueError(
+          f'GoogLeNet expects 3-channel (RGB) NHWC images, got {x.shape[-1]} channels '
+          f'in shape {x.shape}; convert grayscale/RGBA to RGB, or transpose NCHW to NHWC.')
+    if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+      raise ValueError(
+          f'GoogLeNet needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got '
+          f'{x.shape[1]}x{x.shape[2]}; resize the images up.')
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    self._check_input(x)
+    tv = self.variant == 'torchvision'
+    dropout_rate = self.dropout_rate if self.dropout_rate is not None else (0.2 if tv else 0.4)
+    common = dict(use_bn=self.use_bn, bn_epsilon=1e-3, dtype=self.dtype)
+
+    def conv(name, features, kernel_size, strides=1):
+      return BasicConv(features, kernel_size, strides, name=name, **common)
+
+    def pool(name, window=3):
+      return MaxPool(window, 2, ceil_mode=tv, name=name)
+
+    def inception(name):
+      return Inception(*INCEPTION_WIDTHS[name], ch5x5_kernel=3 if tv else 5, name=name,
+                       **common)
+
+    def aux(name):
+      return AuxHead(self.num_classes, self.aux_dropout_rate, paper=not tv, name=name,
+                     **common)
+
+    if self.transform_input:
+      mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+      x = x * (std / 0.5) + (mean - 0.5) / 0.5
+    x = x.astype(self.dtype)
+
+    x = conv('conv1', 64, 7, strides=2)(x, train)
+    x = pool('pool1')(x)
+    x = conv('conv2_reduce', 64, 1)(x, train)
+    x = conv('conv2', 192, 3)(x, train)
+    x = pool('pool2')(x)
+    x = inception('inception_3a')(x, train)
+    x = inception('inception_3b')(x, train)
+    x = pool('pool3')(x)
+    x = inception('inception_4a')(x, train)
+    # Aux heads exist in the parameters whenever aux_logits, but only run in training.
+    run_aux = self.aux_logits and (train or self.is_initializing())
+    aux_4a = aux('aux_4a')(x, train) if run_aux else None
+    x = inception('inception_4b')(x, train)
+    x = inception('inception_4c')(x, train)
+    x = inception('inception_4d')(x, train)
+    aux_4d = aux('aux_4d')(x, train) if run_aux else None
+    x = inception('inception_4e')(x, train)
+    x = pool('pool4', window=2 if tv else 3)(x)
+    x = inception('inception_5a')(x, train)
+    x = inception('inception_5b')(x, train)
+    x = GlobalAvgPool(name='avg_pool')(x)  # any input size works
+    x = nn.Dropout(dropout_rate, deterministic=not train, name='dropout')(x)
+    logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
+                      param_dtype=jnp.float32, name='classifier')(x)
+    logits = logits.astype(jnp.float32)
+    if run_aux and train:
+      return GoogLeNetOutputs(logits, aux_4a.astype(jnp.float32), aux_4d.astype(jnp.float32))
+    return logits
+
+
+def init_fn(key: jax.Array, images: jax.Array, **model_kwargs) -> dict:
+  """Initial variables ({'params', 'batch_stats'}) of GoogLeNet(**model_kwargs).
+
+  Only `images.shape` matters; pure and jittable.
+  """
+  return GoogLeNet(**model_kwargs).init(key, images, train=False)
+
+
+def apply_fn(variables: dict, images: jax.Array, *, train: bool = False,
+             dropout_key: jax.Array | None = None, **model_kwargs):
+  """Runs GoogLeNet(**model_kwargs); pure and jittable.
+
+  Eval mode (default) returns the logits (N, num_classes). Training mode needs
+  `dropout_key` (unless every dropout rate is 0) and returns
+  `(outputs, new_batch_stats)`: outputs as GoogLeNet returns them, and the batch
+  statistics updated by this batch (an empty dict when use_bn=False).
+  """
+  model = GoogLeNet(**model_kwargs)
+  if not train:
+    return model.apply(variables, images, train=False)
+  rngs = {'dropout': dropout_key} if dropout_key is not None else {}
+  outputs, state = model.apply(variables, images, train=True, rngs=rngs,
+                               mutable=['batch_stats'])
+  return outputs, state.get('batch_stats', {})

@@ -1,0 +1,284 @@
+"""Training and evaluation: state, optimizer, jitted steps over a device mesh, the loop.
+
+Data parallelism is `jax.jit` over a one-axis `Mesh` ('data') spanning every device of
+every process: the batch is sharded on 'data', parameters and optimizer state are
+replicated, so BatchNorm statistics and gradients are over the global batch without
+any `axis_name`. The steps are pure functions of (state, batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gnet_jax import input_pipeline
+from gnet_jax import metrics as metrics_lib
+from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
+
+AUX_LOSS_WEIGHT = 0.3  # the paper's weight for each auxiliary head's loss
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a run needs to continue: a checkpoint is exactly this."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key; step k uses fold_in(rng, k), so resumes replay it
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads, batch_stats):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> GoogLeNet:
+  m = config.model
+  return GoogLeNet(num_classes=num_classes, variant=m.variant, aux_logits=m.aux_logits,
+                   dropout_rate=m.dropout_rate, use_bn=m.use_bn,
+                   transform_input=m.get('transform_input', False),
+                   dtype=jnp.dtype(m.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+# ---------------------------------------------------------------------------------------
+def create_learning_rate_fn(config, steps_per_epoch: int):
+  """Base lr scaled linearly with the global batch (base_learning_rate is for 256)."""
+  lr = config.base_learning_rate * config.batch_size / 256
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  total = config.num_train_steps
+  if config.lr_schedule == 'paper':
+    # "decreasing the learning rate by 4% every 8 epochs" (section 6).
+    main = optax.exponential_decay(lr, transition_steps=max(1, 8 * steps_per_epoch),
+                                   decay_rate=0.96, staircase=True)
+  elif config.lr_schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(1, total - warmup))
+  elif config.lr_schedule == 'constant':
+    main = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: use 'paper', 'cosine' "
+                     "or 'constant'.")
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on conv and dense kernels only, not on BatchNorm or biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  chain = []
+  if config.get('grad_clip_norm'):
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == 'sgd':
+    chain += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+              optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)]
+  elif config.optimizer == 'adamw':
+    chain.append(optax.adamw(learning_rate_fn, weight_decay=config.weight_decay,
+                             mask=decay_mask))
+  else:
+    raise ValueError(f"config.optimizer={config.optimizer!r}: use 'sgd' or 'adamw'.")
+  return optax.chain(*chain)
+
+
+def create_train_state(config, model: nn.Module, tx, image_size: int) -> TrainState:
+  """The initial state; jit it with out_shardings to build it directly on the mesh."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = model.init(init_key, images, train=False)
+  params = variables['params']
+  return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=dropout_key, tx=tx)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits, labels, k: int):
+  """1.0 where the label is among the k largest logits."""
+  top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
+               label_smoothing: float = 0.0):
+  """One optimizer step on a global batch; returns (new state, metrics)."""
+  dropout_key = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    outputs, new_state = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    ce = functools.partial(cross_entropy, labels=batch['label'],
+                           num_classes=model.num_classes, label_smoothing=label_smoothing)
+    if isinstance(outputs, GoogLeNetOutputs):
+      logits = outputs.logits
+      loss = jnp.mean(ce(logits)) + AUX_LOSS_WEIGHT * (
+          jnp.mean(ce(outputs.aux_4a)) + jnp.mean(ce(outputs.aux_4d)))
+    else:
+      logits = outputs
+      loss = jnp.mean(ce(logits))
+    return loss, (logits, new_state.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = state.apply_gradients(grads, batch_stats)
+  metrics = {
+      'loss': loss,
+      'top1': jnp.mean(topk_correct(logits, batch['label'], 1)),
+      'top5': jnp.mean(topk_correct(logits, batch['label'], 5)),
+      'lr': learning_rate_fn(state.step),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model: GoogLeNet):
+  """Sums over the unmasked examples of a (padded) eval batch."""
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  loss = cross_entropy(logits, batch['label'], model.num_classes)
+  return {
+      'loss': jnp.sum(loss * mask),
+      'top1': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
+      'top5': jnp.sum(topk_correct(logits, batch['label'], 5) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+# ---------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  mesh: Mesh
+  data: NamedSharding  # batch axis split over every device of every process
+  replicated: NamedSharding
+
+  @classmethod
+  def create(cls, devices=None) -> 'Sharding':
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    mesh = Mesh(devices.reshape(-1), ('data',))
+    return cls(mesh, NamedSharding(mesh, P('data')), NamedSharding(mesh, P()))
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """This process's slice of the batch -> global arrays sharded on 'data'."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data, x),
+                        local_batch)
+
+
+def compile_steps(config, model, tx, learning_rate_fn, sharding: Sharding, image_size: int):
+  """(init, train_step, eval_step), jitted onto the mesh; the state is donated."""
+  init = jax.jit(functools.partial(create_train_state, config, model, tx, image_size),
+                 out_shardings=sharding.replicated)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated, jax.eval_shape(init))
+  train = jax.jit(
+      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
+                        label_smoothing=config.label_smoothing),
+      in_shardings=(state_sharding, sharding.data),
+      out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(state_sharding, sharding.data),
+                     out_shardings=sharding.replicated)
+  return init, train, evaluate
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def evaluate(eval_fn, state, config, sharding: Sharding) -> dict[str, float]:
+  """Loss, top-1 and top-5 over the whole eval split, every example counted once."""
+  totals = None
+  for batch in input_pipeline.create_eval_iterator(config):
+    sums = eval_fn(state, sharding.global_batch(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
+          'top5': float(totals['top5']) / count, 'count': int(count)}
+
+
+def resolve_steps(config, info) -> tuple[int, int]:
+  """(steps per epoch, total train steps); num_train_steps > 0 overrides num_epochs."""
+  steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
+  if config.get('num_train_steps', -1) > 0:
+    return steps_per_epoch, config.num_train_steps
+  return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains GoogLeNet as the config says, evaluating on the way; returns the final state."""
+  info = input_pipeline.get_dataset_info(config)
+  input_pipeline.check_batch_size(config.batch_size, jax.process_count(), jax.device_count())
+  steps_per_epoch, num_steps = resolve_steps(config, info)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.num_train_steps = num_steps
+  model = create_model(config, info.num_classes)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  tx = create_optimizer(config, learning_rate_fn)
+  sharding = Sharding.create()
+  init, train_fn, eval_fn = compile_steps(config, model, tx, learning_rate_fn, sharding,
+                                          config.image_size)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_config(config)
+  writer.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
+             f'{info.num_classes} classes; {num_steps} steps of global batch '
+             f'{config.batch_size} on {jax.device_count()} device(s) in '
+             f'{jax.process_count()} process(es).')
+
+  state = init()
+  start_step = int(state.step)
+  train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
+  log_every = config.log_every_steps
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else num_steps
+  progress = writer.progress(start_step, num_steps)
+  window, window_start = [], time.perf_counter()
+  for step in range(start_step + 1, num_steps + 1):
+    batch = sharding.global_batch(next(train_iter))
+    state, step_metrics = train_fn(state, batch)
+    window.append(step_metrics)
+    progress.update()
+    if step % log_every == 0 or step == num_steps:
+      window = jax.device_get(window)  # the only host sync on the train path
+      elapsed = time.perf_counter() - window_start
+      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      summary['lr'] = float(window[-1]['lr'])
+      summary['images_per_sec'] = len(window) * config.batch_size / elapsed
+      writer.write(step, 'train', summary)
+      progress.set_postfix(loss=f"{summary['loss']:.3f}",
+                           img_s=f"{summary['images_per_sec']:.0f}")
+      window, window_start = [], time.perf_counter()
+    if step % eval_every == 0 or step == num_steps:
+      eval_metrics = evaluate(eval_fn, state, config, sharding)
+      writer.write(step, 'eval', eval_metrics)
+      progress.write(f"step {step}: eval top1 {eval_metrics['top1']:.4f} "
+                     f"top5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f} "
+                     f"({eval_metrics['count']} examples)")
+      window_start = time.perf_counter()  # eval time is not train throughput
+  progress.close()
+  writer.close()
+  return state

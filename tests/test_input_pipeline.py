@@ -1,0 +1,286 @@
+"""Input pipeline on the built-in digits dataset (real tfds files, no network).
+
+Shapes, dtypes and value ranges; determinism, seeds and positioning at any step;
+per-process shards; eval exactly once; batch-size and config errors. The image
+folder and bad files are in test_data_folder.py, the mocked registered tfds
+datasets (ImageNet, CIFAR, MNIST, Imagenette) in test_data_tfds.py.
+"""
+import collections
+import hashlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import default as default_config
+from gnet_jax import digits
+from gnet_jax import input_pipeline as ip
+
+LOW = min((0 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
+HIGH = max((1 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.getbasetemp() / 'digits_tfds'
+  digits.builder(str(data_dir))  # Writes the tfds files once per test session.
+  return str(data_dir)
+
+
+def make_config(data_dir, **overrides):
+  config = default_config.get_config()
+  config.dataset = 'digits'
+  config.data_dir = data_dir
+  config.eval_split = 'test'
+  config.image_size = 32
+  config.augment = 'small'
+  config.batch_size = 32
+  config.shuffle_buffer = 256
+  config.update(overrides)
+  return config
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# --- the built-in dataset --------------------------------------------------------
+
+
+def test_digits_builder_writes_documented_split(digits_dir):
+  builder = digits.builder(digits_dir)
+  assert builder.is_prepared()
+  assert builder.data_dir.startswith(digits_dir)
+  assert builder.info.splits['train'].num_examples == 1437
+  assert builder.info.splits['test'].num_examples == 360
+  from sklearn.datasets import load_digits
+  sk = load_digits()
+  test = list(builder.as_dataset(split='test').as_numpy_iterator())
+  indices = sorted(int(ex['index']) for ex in test)
+  assert indices == list(range(1437, 1797))  # The last 360, as documented.
+  for ex in test[:20]:
+    i = int(ex['index'])
+    assert ex['label'] == sk.target[i]
+    np.testing.assert_array_equal(ex['image'][..., 0],
+                                  np.round(sk.images[i] * 255 / 16).astype(np.uint8))
+  train_indices = {int(ex['index']) for ex in builder.as_dataset(split='train')
+                   .as_numpy_iterator()}
+  assert train_indices == set(range(1437))
+
+
+def test_dataset_info(digits_dir):
+  info = ip.get_dataset_info(make_config(digits_dir))
+  assert info.num_classes == 10
+  assert info.class_names == [str(d) for d in range(10)]
+  assert (info.num_train_examples, info.num_eval_examples) == (1437, 360)
+  assert info.random_flip is False  # Mirrored digits are not digits.
+
+
+# --- batches ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('augment', ['small', 'inception'])
+def test_train_batch_shapes_dtypes_ranges(digits_dir, augment):
+  config = make_config(digits_dir, augment=augment)
+  batches = take(ip.create_train_iterator(config, process_index=0, process_count=1), 3)
+  for batch in batches:
+    assert set(batch) == {'image', 'label'}
+    assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
+    assert batch['label'].min() >= 0 and batch['label'].max() < 10
+    assert np.isfinite(batch['image']).all()
+    assert batch['image'].min() >= LOW - 1e-4 and batch['image'].max() <= HIGH + 1e-4
+  # Digits are white on black: both ends of the range occur.
+  images = np.concatenate([b['image'] for b in batches])
+  assert images.min() < LOW + 0.1 and images.max() > HIGH - 0.5
+  # Gray input becomes RGB: the three channels carry the same pixel.
+  pixels = images * np.array(ip.STDDEV_RGB) + np.array(ip.MEAN_RGB)
+  np.testing.assert_allclose(pixels[..., 0], pixels[..., 1], atol=1e-4)
+
+
+def test_bfloat16_output(digits_dir):
+  config = make_config(digits_dir, input_dtype='bfloat16')
+  batch = next(ip.create_train_iterator(config, process_index=0, process_count=1))
+  assert batch['image'].dtype == ml_dtypes.bfloat16
+  assert batch['label'].dtype == np.int32
+  evaluation = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  assert evaluation['image'].dtype == ml_dtypes.bfloat16
+
+
+def test_eval_batch_shapes_and_values(digits_dir):
+  config = make_config(digits_dir, batch_size=100)
+  batches = list(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  assert len(batches) == 4  # 360 examples: 3 full batches and one of 60 + 40 padding.
+  for batch in batches:
+    assert set(batch) == {'image', 'label', 'mask'}
+    assert batch['image'].shape == (100, 32, 32, 3) and batch['mask'].dtype == bool
+  assert batches[-1]['mask'].sum() == 60 and not batches[-1]['mask'][60:].any()
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  from sklearn.datasets import load_digits
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                np.bincount(load_digits().target[-360:], minlength=10))
+
+
+# --- determinism and positioning -------------------------------------------------
+
+
+@pytest.mark.parametrize('cache', [False, True], ids=['streamed', 'indexed'])
+def test_same_seed_same_batches_and_positioning(digits_dir, cache):
+  # 1437 examples, batch 32: epoch 0 ends inside batch 44; check 43-46 around it.
+  config = make_config(digits_dir, cache=cache)
+  reference = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
+  again = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
+  assert_same_batches(reference, again)
+  for start in (1, 43, 45):
+    resumed = take(ip.create_train_iterator(config, start_step=start, process_index=0,
+                                            process_count=1), 2)
+    assert_same_batches(resumed, reference[start:start + 2])
+  # Epoch 1 is another order: the second epoch's first batch is a new one.
+  assert not np.array_equal(reference[45]['label'], reference[0]['label'])
+
+
+def test_positioning_in_a_later_epoch_and_other_process(digits_dir):
+  config = make_config(digits_dir, batch_size=64, cache=True)
+  kwargs = dict(process_index=1, process_count=2)  # 718 examples, 32 a batch.
+  reference = take(ip.create_train_iterator(config, **kwargs), 70)  # Three epochs.
+  resumed = take(ip.create_train_iterator(config, start_step=67, **kwargs), 3)
+  assert_same_batches(resumed, reference[67:70])
+
+
+def test_other_seed_other_batches(digits_dir):
+  a = next(ip.create_train_iterator(make_config(digits_dir, seed=0), process_count=1,
+                                    process_index=0))
+  b = next(ip.create_train_iterator(make_config(digits_dir, seed=1), process_count=1,
+                                    process_index=0))
+  assert not np.array_equal(a['label'], b['label'])
+
+
+def test_random_flip_setting(digits_dir):
+  default = make_config(digits_dir)
+  forced = make_config(digits_dir, random_flip=True)
+  assert ip.get_dataset_info(forced).random_flip is True
+  a = next(ip.create_train_iterator(default, process_index=0, process_count=1))
+  b = next(ip.create_train_iterator(forced, process_index=0, process_count=1))
+  np.testing.assert_array_equal(a['label'], b['label'])  # Same examples, same crops,
+  flipped = [not np.array_equal(x, y) for x, y in zip(a['image'], b['image'])]
+  assert 0 < sum(flipped) < len(flipped)  # about half of them mirrored.
+  for x, y, f in zip(a['image'], b['image'], flipped):
+    if f:
+      np.testing.assert_array_equal(x[:, ::-1], y)
+
+
+def test_tf_global_seed_does_not_matter(digits_dir):
+  config = make_config(digits_dir)
+  a = take(ip.create_train_iterator(config, process_index=0, process_count=1), 2)
+  tf.random.set_seed(42)
+  try:
+    b = take(ip.create_train_iterator(config, process_index=0, process_count=1), 2)
+  finally:
+    tf.random.set_seed(None)
+  assert_same_batches(a, b)
+
+
+# --- sharding --------------------------------------------------------------------
+
+
+def _keys(source, split, pi, pc):
+  return [k for k in source.local_dataset(split, pi, pc).map(lambda ex: ex['key'])
+          .as_numpy_iterator()]
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(digits_dir):
+  source = ip._source(make_config(digits_dir))  # pylint: disable=protected-access
+  for split, total in (('train', 1437), ('test', 360)):
+    shards = [_keys(source, split, pi, 3) for pi in range(3)]
+    assert sorted(map(len, shards), reverse=True) == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    union = [k for shard in shards for k in shard]
+    assert len(union) == len(set(union)) == total
+    assert set(union) == set(_keys(source, split, 0, 1))
+
+
+def _image_hashes(batches):
+  out = collections.Counter()
+  for batch in batches:
+    for image, label, keep in zip(batch['image'], batch['label'], batch['mask']):
+      if keep:
+        out[(hashlib.sha1(image.tobytes()).hexdigest(), int(label))] += 1
+  return out
+
+
+def test_eval_exactly_once_over_processes(digits_dir):
+  # 360 examples over 7 processes: shards of 52 and 51, local batch 4 -> 13 batches.
+  config = make_config(digits_dir, batch_size=28)
+  single = list(ip.create_eval_iterator(make_config(digits_dir, batch_size=40),
+                                        process_index=0, process_count=1))
+  assert sum(b['mask'].sum() for b in single) == 360
+  per_process = []
+  for pi in range(7):
+    iterator = ip.create_eval_iterator(config, process_index=pi, process_count=7)
+    batches = list(iterator)
+    assert len(batches) == len(iterator) == 13  # The same on every process.
+    assert all(b['image'].shape[0] == 4 for b in batches)
+    per_process.append(batches)
+  counts = [sum(int(b['mask'].sum()) for b in batches) for batches in per_process]
+  assert counts == [52, 52, 52, 51, 51, 51, 51]
+  merged = collections.Counter()
+  for batches in per_process:
+    merged += _image_hashes(batches)
+  assert merged == _image_hashes(single)
+
+
+def test_train_local_batch_is_global_over_processes(digits_dir):
+  config = make_config(digits_dir, batch_size=48)
+  batch = next(ip.create_train_iterator(config, process_index=2, process_count=3))
+  assert batch['image'].shape[0] == 16 and batch['label'].shape == (16,)
+  other = next(ip.create_train_iterator(config, process_index=1, process_count=3))
+  assert not np.array_equal(batch['image'], other['image'])
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+def test_check_batch_size():
+  ip.check_batch_size(256, 2, 8)
+  with pytest.raises(ValueError, match=r'batch_size=100 .* 8 devices.*104'):
+    ip.check_batch_size(100, 1, 8)
+  with pytest.raises(ValueError, match=r'batch_size=10 .* 3 processes.*9 or 12'):
+    ip.check_batch_size(10, 3, 3)
+  with pytest.raises(ValueError, match='positive'):
+    ip.check_batch_size(0, 1, 1)
+
+
+def test_indivisible_batch_fails_at_start_up(digits_dir):
+  with pytest.raises(ValueError, match=r'config.batch_size=10 .* 3 processes'):
+    ip.create_train_iterator(make_config(digits_dir, batch_size=10), process_index=0,
+                             process_count=3)
+  with pytest.raises(ValueError, match=r'config.batch_size=10 .* 3 processes'):
+    ip.create_eval_iterator(make_config(digits_dir, batch_size=10), process_index=0,
+                            process_count=3)
+
+
+def test_unknown_split_names_setting(digits_dir):
+  with pytest.raises(ValueError, match=r"config.eval_split='validation'.*\['test', 'train'\]"):
+    ip.get_dataset_info(make_config(digits_dir, eval_split='validation'))
+
+
+@pytest.mark.parametrize('field,value', [('augment', 'fancy'), ('input_dtype', 'float16'),
+                                         ('image_size', 0)])
+def test_bad_config_values(digits_dir, field, value):
+  with pytest.raises(ValueError, match=f'config.{field}'):
+    ip.create_train_iterator(make_config(digits_dir, **{field: value}), process_index=0,
+                             process_count=1)
+
+
+def test_unknown_dataset_name(tmp_path):
+  with pytest.raises(ValueError, match=r"config.dataset='imagenet2021' is not a tfds dataset"):
+    ip.get_dataset_info(make_config(str(tmp_path), dataset='imagenet2021'))

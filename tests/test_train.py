@@ -1,0 +1,172 @@
+"""train.py and train_lib: a few steps for real, device-count and process-count invariance,
+config errors, what a run writes. Small: 32x32 digits, a handful of steps."""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import quickstart
+from gnet_jax import metrics, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_overrides(data_dir, workdir, steps=3, batch_size=16):
+  return [f'--workdir={workdir}', f'--config.data_dir={data_dir}',
+          f'--config.num_train_steps={steps}', f'--config.batch_size={batch_size}',
+          '--config.log_every_steps=1', f'--config.eval_every_steps={steps}']
+
+
+def run_train(args, devices=1, env=None, check=True):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, check=check,
+                        timeout=900)
+
+
+def start_train(args, devices=1, env=None):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def finish(proc):
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def train_losses(workdir):
+  return [r['loss'] for r in metrics.read_metrics(workdir) if r['split'] == 'train']
+
+
+@pytest.fixture(scope='module')
+def short_run(digits_data_dir, tmp_path_factory):
+  """Three steps of the quickstart recipe in this process."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = quickstart.get_config()
+  config.data_dir = digits_data_dir
+  config.num_train_steps = 3
+  config.batch_size = 16
+  config.log_every_steps = 1
+  config.eval_every_steps = 3
+  state = train_lib.train_and_evaluate(config, workdir)
+  return workdir, state
+
+
+def test_a_few_steps_write_metrics_events_and_curves(short_run):
+  workdir, state = short_run
+  assert int(state.step) == 3
+  records = metrics.read_metrics(workdir)
+  train = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in train] == [1, 2, 3]
+  for r in train:
+    assert set(r) >= {'step', 'split', 'loss', 'top1', 'top5', 'images_per_sec', 'lr'}
+    assert np.isfinite(r['loss'])
+  (evaluation,) = [r for r in records if r['split'] == 'eval']
+  assert evaluation['count'] == 360  # every test digit, exactly once
+  assert 0 <= evaluation['top1'] <= evaluation['top5'] <= 1
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 0
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['num_train_steps'] == 3
+
+
+def test_tensorboard_events_hold_the_scalars(short_run):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  workdir, _ = short_run
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  assert {'train/loss', 'train/top1', 'train/lr', 'train/images_per_sec',
+          'eval/top1', 'eval/top5'} <= tags
+
+
+def test_one_and_eight_devices_give_the_same_losses(digits_data_dir, tmp_path):
+  one = start_train(tiny_overrides(digits_data_dir, tmp_path / 'one'), devices=1)
+  eight = start_train(tiny_overrides(digits_data_dir, tmp_path / 'eight'), devices=8)
+  finish(one)
+  out = finish(eight)
+  assert 'on 8 device(s)' in out
+  np.testing.assert_allclose(train_losses(tmp_path / 'eight'), train_losses(tmp_path / 'one'),
+                             rtol=2e-4)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(digits_data_dir, tmp_path):
+  port = free_port()
+  procs = [start_train(tiny_overrides(digits_data_dir, tmp_path / 'multi') + [
+      f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'])
+           for i in range(2)]
+  outs = [finish(p) for p in procs]
+  assert 'in 2 process(es)' in outs[0]
+  single = run_train(tiny_overrides(digits_data_dir, tmp_path / 'single'), devices=2)
+  del single
+  np.testing.assert_allclose(train_losses(tmp_path / 'multi'), train_losses(tmp_path / 'single'),
+                             rtol=2e-4)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  result = run_train([f'--workdir={tmp_path}', '--config.batch_sizee=8'], check=False)
+  assert result.returncode != 0
+  assert 'batch_sizee' in result.stderr
+
+
+def test_batch_that_does_not_divide_the_devices(digits_data_dir, tmp_path):
+  result = run_train(tiny_overrides(digits_data_dir, tmp_path, batch_size=12), devices=8,
+                     check=False)
+  assert result.returncode != 0
+  assert 'batch_size=12' in result.stderr and '8' in result.stderr
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+  params = {'conv': {'kernel': np.ones((3, 3, 1, 1))},
+            'bn': {'scale': np.ones(1), 'bias': np.ones(1)},
+            'fc': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}}
+  assert train_lib.decay_mask(params) == {'conv': {'kernel': True},
+                                          'bn': {'scale': False, 'bias': False},
+                                          'fc': {'kernel': True, 'bias': False}}
+
+
+def test_learning_rate_schedules():
+  config = quickstart.get_config()
+  config.batch_size = 512
+  config.base_learning_rate = 0.1
+  config.warmup_epochs = 0
+  config.num_train_steps = 1000
+  config.lr_schedule = 'paper'
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  assert float(lr(0)) == pytest.approx(0.2)  # scaled with the global batch
+  assert float(lr(79)) == pytest.approx(0.2)
+  assert float(lr(80)) == pytest.approx(0.2 * 0.96)  # 4% less every 8 epochs
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 1
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  assert float(lr(0)) == 0 and float(lr(10)) == pytest.approx(0.2)
+  assert float(lr(1000)) == pytest.approx(0, abs=1e-6)
+
+
+def test_aux_loss_weight_and_label_smoothing():
+  logits = jax.numpy.array([[2.0, 0.0, -1.0]])
+  labels = jax.numpy.array([0])
+  plain = train_lib.cross_entropy(logits, labels, 3)
+  np.testing.assert_allclose(plain, optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                             rtol=1e-6)
+  assert float(train_lib.cross_entropy(logits, labels, 3, 0.1)[0]) > float(plain[0])
+  assert train_lib.AUX_LOSS_WEIGHT == 0.3

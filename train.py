@@ -1,0 +1,46 @@
+"""Trains GoogLeNet: `python train.py --config configs/quickstart.py --workdir /tmp/gnet`.
+
+Any config field can be overridden: `--config.batch_size=256 --config.model.aux_logits=False`.
+Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --multihost on a TPU pod
+or SLURM cluster, where JAX finds them itself.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for metrics, TensorBoard events, checkpoints.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with no arguments '
+                  '(TPU pods, SLURM, ... find the cluster themselves).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --help stays fast and jax is configured before first use.
+  import jax  # pylint: disable=import-outside-toplevel
+  from gnet_jax import train_lib  # pylint: disable=import-outside-toplevel
+  coordinator = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if coordinator or FLAGS.multihost:
+    # CPU processes talk over gloo; the setting is ignored by GPU and TPU backends.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    env_int = lambda name: int(os.environ[name]) if name in os.environ else None
+    jax.distributed.initialize(
+        coordinator,
+        FLAGS.num_processes if FLAGS.num_processes is not None else env_int('JAX_NUM_PROCESSES'),
+        FLAGS.process_id if FLAGS.process_id is not None else env_int('JAX_PROCESS_ID'))
+  logging.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
+               jax.devices())
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
