@@ -18,7 +18,8 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with no arguments '
-                  '(TPU pods, SLURM, ... find the cluster themselves).')
+                  '(TPU pods, SLURM, ... find the cluster themselves). Automatic when '
+                  'TPU_WORKER_HOSTNAMES names several hosts.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,7 +30,9 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from gnet_jax import train_lib  # pylint: disable=import-outside-toplevel
   coordinator = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if coordinator or FLAGS.multihost:
+  # A multi-host TPU slice lists its hosts here; JAX then finds the cluster itself.
+  tpu_hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get('TPU_WORKER_HOSTNAMES')
+  if coordinator or FLAGS.multihost or (tpu_hosts and ',' in tpu_hosts):
     # CPU processes talk over gloo; the setting is ignored by GPU and TPU backends.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     env_int = lambda name: int(os.environ[name]) if name in os.environ else None

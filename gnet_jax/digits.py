@@ -11,12 +11,13 @@ tests run the same input pipeline as ImageNet does, offline.
 The first use writes the tfds files (a few hundred kB) under the tfds data
 directory (`config.data_dir`): `<data_dir>/sklearn_digits/1.0.0/`.
 
-Split (fixed, documented, no randomness, identical on every machine):
-  * `train`: the first 1,437 images of `sklearn.datasets.load_digits()`
-    (indices 0..1436), 141-146 images per class;
-  * `test`:  the last 360 images (indices 1437..1796), 33-37 per class.
-The file is ordered by writer, so the test digits come mostly from writers the
-training set has not seen.
+Split (fixed, documented, no randomness, identical on every machine): in
+`sklearn.datasets.load_digits()` order, every fifth image of each class (its 1st,
+6th, 11th, ...) is `test` (364 images, 35-37 per class), the rest `train` (1,433).
+Stratified and interleaved, so both splits hold every writer, as with the usual
+random split of this data set. (The file is ordered by writer: a split that takes its
+tail tests on unseen writers, which is harder: an RBF SVM (gamma 0.001) scores 95.8% on
+the last 360 images against 98.9% on this test split.)
 
 Features: `image` uint8 (8, 8, 1) PNG, the 0..16 intensities scaled to 0..255
 (`round(v * 255 / 16)`); `label` ClassLabel with names '0'..'9'; `index` int64,
@@ -28,8 +29,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_TEST = 360
 NUM_EXAMPLES = 1797
+TEST_EVERY = 5  # every fifth image of each class is a test image
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,11 +44,14 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     raise RuntimeError(
         f'sklearn.datasets.load_digits() returned {len(labels)} images, expected '
         f'{NUM_EXAMPLES}; the sklearn_digits split would not be the documented one.')
-  indices = np.arange(NUM_EXAMPLES)
+  rank_in_class = np.zeros(NUM_EXAMPLES, np.int64)
+  for label in range(10):
+    rank_in_class[labels == label] = np.arange(np.sum(labels == label))
+  is_test = rank_in_class % TEST_EVERY == 0
   if split == 'train':
-    sel = indices[:-NUM_TEST]
+    sel = np.flatnonzero(~is_test)
   elif split == 'test':
-    sel = indices[-NUM_TEST:]
+    sel = np.flatnonzero(is_test)
   else:
     raise ValueError(f'sklearn_digits has splits train and test, not {split!r}.')
   return images[sel], labels[sel], sel
@@ -56,12 +60,13 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits as a tfds dataset (no download).
 
-  Split: `train` = indices 0..1436 of `sklearn.datasets.load_digits()`,
-  `test` = indices 1437..1796 (the last 360). See the module docstring.
+  Split: every fifth image of each class is `test` (364), the rest `train` (1,433).
+  See the module docstring.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: train = first 1,437, test = last 360.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {'1.0.0': 'train = first 1,437, test = last 360 (unseen writers).',
+                   '2.0.0': 'Stratified: every fifth image of each class is test.'}
   # tfds derives this from the package through `importlib_resources`, which is not
   # a dependency of tfds 4.9.x and fails to import; say where the code is instead.
   code_path = epath.Path(__file__)
@@ -71,7 +76,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=(
             "scikit-learn's copy of the UCI optical-recognition handwritten digits "
-            '(8x8, 0..16 scaled to 0..255). train: first 1,437; test: last 360.'),
+            '(8x8, 0..16 scaled to 0..255). test: every fifth image of each class.'),
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(8, 8, 1), encoding_format='png'),
             'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),

@@ -7,11 +7,13 @@ Datasets (`config.dataset`)
     number of classes come from the dataset's `tfds.core.DatasetInfo`.
   * 'digits': scikit-learn's 1,797 handwritten digits as the tfds dataset
     `sklearn_digits` (gnet_jax/digits.py), written under `config.data_dir` on first
-    use; no network. Splits 'train' (1,437) and 'test' (360).
+    use; no network. Splits 'train' (1,433) and 'test' (364: every fifth of each class).
   * 'folder:/path/to/root': the user's own images in `root/<split>/<class>/*.jpg`
     (also .jpeg .png .gif .bmp .webp), with tfds.ImageFolder's conventions: label i
     is the i-th class folder name in sorted order over all splits, examples are
-    listed in the same seeded order. Splits accept tfds slicing ('train[:90%]').
+    listed in the same seeded order (but where tfds.ImageFolder silently ignores a
+    stray file or takes a junk folder for a class, this is a clear error; hidden
+    files and folders are ignored). Splits accept tfds slicing ('train[:90%]').
 
 Output
   Train batches {'image': (local_batch, S, S, 3) `config.input_dtype`, 'label':
@@ -31,30 +33,34 @@ Preprocessing (`config.augment`)
   images smaller than the crop are upscaled.
 
 Determinism and positioning
-  Every random choice is a pure function of (config.seed, process index, epoch or
-  example position): per-example augmentation uses stateless TF ops seeded with
-  (seed, position of the example in this process's stream), and the order of
-  each epoch is seeded with (seed, epoch). Parallelism, prefetching and timing
+  Every random choice is a pure function of (config.seed, epoch or example
+  position): per-example augmentation uses stateless TF ops seeded with (seed,
+  position of the example, unique over processes), and the order of each epoch
+  is seeded with (seed, epoch). Parallelism, prefetching and timing
   therefore cannot change a batch, and the stream can be entered at any point:
   train batch k holds stream positions [k * local_batch, (k+1) * local_batch),
   position p is example (p mod n) of epoch (p div n) (n = this process's shard).
   `create_train_iterator(start_step=s)` computes the epoch and offset of step s
   and starts there:
     * indexed sources (folders; any dataset with `config.cache=True`, whose raw
-      records are then held in memory): the epoch order is a full permutation
-      computed index by index (`tf.random.experimental.index_shuffle`), so
-      entering at any step costs nothing;
-    * streamed tfds sources (`config.cache=False`): records are read in their
-      fixed on-disk order and shuffled by a buffer of `config.shuffle_buffer`
-      records seeded with (seed, epoch); entering at step s skips the raw records
-      of the current epoch BEFORE they are decoded (read, not decoded: for
-      ImageNet on one host at most one epoch of reading, usually a few minutes).
-  Same seed, same process count and batch size => same batches, across runs and
-  after a resume.
+      records are then held in memory): the epoch order is a full permutation of
+      the whole split computed index by index
+      (`tf.random.experimental.index_shuffle`), so entering at any step costs
+      nothing. Every process holds the index and takes rows
+      [p * local_batch, (p+1) * local_batch) of each global batch, decoding only
+      those: the global batches are the same for any process count;
+    * streamed tfds sources (`config.cache=False`): each process reads its own
+      shard in its fixed on-disk order, shuffled by a buffer of
+      `config.shuffle_buffer` records seeded with (seed, process, epoch);
+      entering at step s skips the raw records of the current epoch BEFORE they
+      are decoded (read, not decoded: for ImageNet on one host at most one epoch
+      of reading, usually a few minutes).
+  Same seed, batch size (and, for streamed sources, process count) and TF/tfds
+  versions => same batches, across runs and after a resume.
 
 Sharding
-  Each process reads only its own shard (`tfds.split_for_jax_process`, also for
-  folders). Eval: every process yields the same number of batches (padded,
+  Each process decodes only its own examples: its shard of a streamed source
+  (`tfds.split_for_jax_process`), its rows of each global batch of an indexed one. Eval: every process yields the same number of batches (padded,
   masked), and over all processes the unmasked rows are each eval example
   exactly once; nothing is dropped.
 
@@ -187,8 +193,8 @@ class _Source:
   def local_size(self, split: str, pi: int, pc: int) -> int:
     raise NotImplementedError
 
-  def local_arrays(self, split: str, pi: int, pc: int) -> dict[str, np.ndarray] | None:
-    """This process's records as in-memory arrays, or None for a streamed source."""
+  def local_arrays(self, split: str, pi: int, pc: int) -> dict[str, np.ndarray]:
+    """This process's records as in-memory numpy arrays, in a fixed order."""
     raise NotImplementedError
 
   def local_dataset(self, split: str, pi: int, pc: int) -> tf.data.Dataset:
@@ -210,7 +216,6 @@ class _TfdsSource(_Source):
   def __init__(self, config):
     name = config.dataset
     data_dir = config.get('data_dir')
-    self._data_dir = data_dir
     if name == DIGITS:
       self.builder = digits_lib.builder(data_dir)
     else:
@@ -762,27 +767,37 @@ def _fill(got, meta, *, b: int, train: bool):
 
 def _train_records(s: _Setup, split: str, seed: int, start_pos: int,
                    shuffle_buffer: int, cache: bool) -> tf.data.Dataset:
-  """This process's infinite, seeded record stream from position `start_pos` on."""
-  src, pi, pc = s.source, s.pi, s.pc
-  order_key = _mix(seed, pi, 1)
-  arrays = src.local_arrays(split, pi, pc) if (cache or isinstance(src, _FolderSource)) \
-      else None
-  if arrays is not None:  # Indexed: a full permutation per epoch, O(1) positioning.
+  """This process's infinite, seeded record stream from position `start_pos` on.
+
+  Each record carries 'pos', a position unique over all processes, that seeds its
+  augmentation.
+  """
+  src, pi, pc, b = s.source, s.pi, s.pc, s.local_batch
+  if cache or isinstance(src, _FolderSource):
+    # Indexed: every process holds the split's index (paths, or the cached raw records)
+    # in one seeded order per epoch and takes rows [pi*b, (pi+1)*b) of each global
+    # batch, decoding only those. The global batches are therefore the same for any
+    # process count: 2 processes train exactly like 1. Positioning costs nothing.
+    arrays = src.local_arrays(split, 0, 1)
     n = len(arrays['label'])
     _check_shard(n, s, split)
     tensors = {k: tf.constant(list(v) if v.dtype == object else v)
                for k, v in arrays.items()}
+    order_key = tf.constant(_mix(seed, 1), tf.int64)
 
-    def lookup(pos):
+    def lookup(local_pos):
+      pos = (local_pos // b) * (b * pc) + pi * b + local_pos % b  # global position
       epoch, i = pos // n, pos % n
-      j = tf.random.experimental.index_shuffle(
-          i, seed=tf.stack([tf.constant(order_key, tf.int64), epoch]), max_index=n - 1)
+      j = tf.random.experimental.index_shuffle(i, seed=tf.stack([order_key, epoch]),
+                                               max_index=n - 1)
       ex = {k: tf.gather(t, j) for k, t in tensors.items()}
       ex['pos'] = pos
       return ex
 
     return tf.data.Dataset.range(start_pos, _INT64_MAX).map(lookup)
-  # Streamed: fixed on-disk order, shuffled per epoch by a seeded buffer.
+  # Streamed: this process's shard in its fixed on-disk order, shuffled per epoch by a
+  # seeded buffer.
+  order_key = _mix(seed, pi, 1)
   base = src.local_dataset(split, pi, pc)
   n = src.local_size(split, pi, pc)
   _check_shard(n, s, split)
@@ -799,7 +814,7 @@ def _train_records(s: _Setup, split: str, seed: int, start_pos: int,
 
   with _fixed_tf_global_seed():
     ds = tf.data.Dataset.range(first_epoch, _INT64_MAX).flat_map(epoch_records)
-  return ds.enumerate(start_pos).map(lambda pos, ex: {**ex, 'pos': pos})
+  return ds.enumerate(start_pos).map(lambda pos, ex: {**ex, 'pos': pos * pc + pi})
 
 
 def _check_shard(n: int, s: _Setup, split: str) -> None:
@@ -909,7 +924,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
   records = _train_records(s, split, seed, start_step * s.local_batch,
                            config.get('shuffle_buffer', 16_384),
                            bool(config.get('cache', False)))
-  ds = _decoded_batches(records, s, train=True, aug_key=_mix(seed, s.pi, 2))
+  ds = _decoded_batches(records, s, train=True, aug_key=_mix(seed, 2))
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
   return _Batches(ds, s, train=True, split=split)
 

@@ -7,6 +7,9 @@ datasets (ImageNet, CIFAR, MNIST, Imagenette) in test_data_tfds.py.
 """
 import collections
 import hashlib
+import os
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -60,13 +63,15 @@ def test_digits_builder_writes_documented_split(digits_dir):
   builder = digits.builder(digits_dir)
   assert builder.is_prepared()
   assert builder.data_dir.startswith(digits_dir)
-  assert builder.info.splits['train'].num_examples == 1437
-  assert builder.info.splits['test'].num_examples == 360
+  assert builder.info.splits['train'].num_examples == 1433
+  assert builder.info.splits['test'].num_examples == 364
   from sklearn.datasets import load_digits
   sk = load_digits()
   test = list(builder.as_dataset(split='test').as_numpy_iterator())
   indices = sorted(int(ex['index']) for ex in test)
-  assert indices == list(range(1437, 1797))  # The last 360, as documented.
+  # As documented: every fifth image of each class, in load_digits() order.
+  expected = sorted(i for c in range(10) for i in np.flatnonzero(sk.target == c)[::5])
+  assert indices == expected
   for ex in test[:20]:
     i = int(ex['index'])
     assert ex['label'] == sk.target[i]
@@ -74,14 +79,14 @@ def test_digits_builder_writes_documented_split(digits_dir):
                                   np.round(sk.images[i] * 255 / 16).astype(np.uint8))
   train_indices = {int(ex['index']) for ex in builder.as_dataset(split='train')
                    .as_numpy_iterator()}
-  assert train_indices == set(range(1437))
+  assert train_indices == set(range(1797)) - set(expected)
 
 
 def test_dataset_info(digits_dir):
   info = ip.get_dataset_info(make_config(digits_dir))
   assert info.num_classes == 10
   assert info.class_names == [str(d) for d in range(10)]
-  assert (info.num_train_examples, info.num_eval_examples) == (1437, 360)
+  assert (info.num_train_examples, info.num_eval_examples) == (1433, 364)
   assert info.random_flip is False  # Mirrored digits are not digits.
 
 
@@ -119,15 +124,16 @@ def test_bfloat16_output(digits_dir):
 def test_eval_batch_shapes_and_values(digits_dir):
   config = make_config(digits_dir, batch_size=100)
   batches = list(ip.create_eval_iterator(config, process_index=0, process_count=1))
-  assert len(batches) == 4  # 360 examples: 3 full batches and one of 60 + 40 padding.
+  assert len(batches) == 4  # 364 examples: 3 full batches and one of 64 + 36 padding.
   for batch in batches:
     assert set(batch) == {'image', 'label', 'mask'}
     assert batch['image'].shape == (100, 32, 32, 3) and batch['mask'].dtype == bool
-  assert batches[-1]['mask'].sum() == 60 and not batches[-1]['mask'][60:].any()
+  assert batches[-1]['mask'].sum() == 64 and not batches[-1]['mask'][64:].any()
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   from sklearn.datasets import load_digits
   np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                np.bincount(load_digits().target[-360:], minlength=10))
+                                [len(np.flatnonzero(load_digits().target == c)[::5])
+                                 for c in range(10)])
 
 
 # --- determinism and positioning -------------------------------------------------
@@ -135,7 +141,7 @@ def test_eval_batch_shapes_and_values(digits_dir):
 
 @pytest.mark.parametrize('cache', [False, True], ids=['streamed', 'indexed'])
 def test_same_seed_same_batches_and_positioning(digits_dir, cache):
-  # 1437 examples, batch 32: epoch 0 ends inside batch 44; check 43-46 around it.
+  # 1433 examples, batch 32: epoch 0 ends inside batch 44; check 43-46 around it.
   config = make_config(digits_dir, cache=cache)
   reference = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
   again = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
@@ -162,6 +168,38 @@ def test_other_seed_other_batches(digits_dir):
   b = next(ip.create_train_iterator(make_config(digits_dir, seed=1), process_count=1,
                                     process_index=0))
   assert not np.array_equal(a['label'], b['label'])
+
+
+_HASH_BATCHES = '''
+import hashlib, sys
+from configs import default
+from gnet_jax import input_pipeline as ip
+config = default.get_config()
+config.update(dict(dataset='digits', data_dir=sys.argv[1], eval_split='test', image_size=32,
+                   augment='inception', batch_size=32, shuffle_buffer=300, seed=7))
+it = ip.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
+h = hashlib.sha1()
+for _ in range(3):
+  batch = next(it)
+  h.update(batch['image'].tobytes())
+  h.update(batch['label'].tobytes())
+print(h.hexdigest())
+'''
+
+
+def test_same_batches_in_another_run(digits_dir):
+  config = make_config(digits_dir, augment='inception', shuffle_buffer=300, seed=7)
+  it = ip.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
+  h = hashlib.sha1()
+  for _ in range(3):
+    batch = next(it)
+    h.update(batch['image'].tobytes())
+    h.update(batch['label'].tobytes())
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', _HASH_BATCHES, digits_dir], cwd=root,
+                       capture_output=True, text=True, check=True, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': root})
+  assert out.stdout.split()[-1] == h.hexdigest()
 
 
 def test_random_flip_setting(digits_dir):
@@ -199,7 +237,7 @@ def _keys(source, split, pi, pc):
 
 def test_process_shards_are_disjoint_and_cover_the_split(digits_dir):
   source = ip._source(make_config(digits_dir))  # pylint: disable=protected-access
-  for split, total in (('train', 1437), ('test', 360)):
+  for split, total in (('train', 1433), ('test', 364)):
     shards = [_keys(source, split, pi, 3) for pi in range(3)]
     assert sorted(map(len, shards), reverse=True) == [len(s) for s in shards]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -218,20 +256,20 @@ def _image_hashes(batches):
 
 
 def test_eval_exactly_once_over_processes(digits_dir):
-  # 360 examples over 7 processes: shards of 52 and 51, local batch 4 -> 13 batches.
-  config = make_config(digits_dir, batch_size=28)
+  # 364 examples over 9 processes: shards of 41 and 40, local batch 4 -> 11 batches.
+  config = make_config(digits_dir, batch_size=36)
   single = list(ip.create_eval_iterator(make_config(digits_dir, batch_size=40),
                                         process_index=0, process_count=1))
-  assert sum(b['mask'].sum() for b in single) == 360
+  assert sum(b['mask'].sum() for b in single) == 364
   per_process = []
-  for pi in range(7):
-    iterator = ip.create_eval_iterator(config, process_index=pi, process_count=7)
+  for pi in range(9):
+    iterator = ip.create_eval_iterator(config, process_index=pi, process_count=9)
     batches = list(iterator)
-    assert len(batches) == len(iterator) == 13  # The same on every process.
+    assert len(batches) == len(iterator) == 11  # The same on every process.
     assert all(b['image'].shape[0] == 4 for b in batches)
     per_process.append(batches)
   counts = [sum(int(b['mask'].sum()) for b in batches) for batches in per_process]
-  assert counts == [52, 52, 52, 51, 51, 51, 51]
+  assert counts == [41] * 4 + [40] * 5
   merged = collections.Counter()
   for batches in per_process:
     merged += _image_hashes(batches)
