@@ -64,4 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   # --- What a person sees (gnet_jax/metrics.py) ---
   config.log_every_steps = 100  # Train metrics to TensorBoard and metrics.jsonl.
   config.eval_every_steps = 5000  # Full eval split; <= 0: only at the end.
+
+  # --- Checkpoints (gnet_jax/checkpoint.py), in <workdir>/checkpoints ---
+  # A run started on a workdir with checkpoints resumes from the newest good one.
+  # Saved every N steps, at every eval, at the end and on SIGTERM; <= 0: only those.
+  config.checkpoint_every_steps = 1000
+  config.checkpoint_max_to_keep = 3  # The latest K are kept...
+  config.checkpoint_keep_best = True  # ...plus the one with the best eval top-1.
+  config.checkpoint_async = True  # Write in the background while training goes on.
   return config

@@ -30,7 +30,8 @@ def plot_curves(records: list[dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, key, title in ((axes[0], 'loss', 'loss'), (axes[1], 'top1', 'top-1 accuracy')):
+  titles = ('loss (train: with aux heads and label smoothing)', 'top-1 accuracy')
+  for ax, key, title in zip(axes, ('loss', 'top1'), titles):
     for split, style in (('train', '-'), ('eval', 'o-')):
       rows = [r for r in records if r['split'] == split and key in r]
       if rows:

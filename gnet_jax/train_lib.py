@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gnet_jax import checkpoint as checkpoint_lib
 from gnet_jax import input_pipeline
 from gnet_jax import metrics as metrics_lib
 from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
@@ -229,8 +231,86 @@ def resolve_steps(config, info) -> tuple[int, int]:
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
 
 
+def truncate_metrics(workdir: str, step: int) -> int:
+  """Drops metrics.jsonl lines of steps after `step` (and a torn last line); returns how many.
+
+  A resumed run rewrites the steps after its checkpoint, so they must not stay twice.
+  """
+  path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += line.strip() != ''
+        continue
+      if record.get('step', 0) > step:
+        dropped += 1
+      else:
+        kept.append(json.dumps(record) + '\n')
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return dropped
+
+
+class _Preemption:
+  """SIGTERM (how clusters announce preemption) sets a flag the loop checks after each step.
+
+  With several processes JAX's own preemption service (`reached_preemption_sync_point`,
+  through Orbax) decides instead, so that every process stops at the same step.
+  """
+
+  def __init__(self, checkpointer, install: bool):
+    self.checkpointer = checkpointer
+    self.signalled = False
+    self._previous = None
+    if install:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no handler, the default applies
+        self._previous = None
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.checkpointer.reached_preemption(step)
+    return self.signalled
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _first_bad_step(window: list[dict], first_step: int):
+  for i, m in enumerate(window):
+    if not np.isfinite(m['loss']):
+      return first_step + i, float(m['loss'])
+  return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains GoogLeNet as the config says, evaluating on the way; returns the final state."""
+  """Trains GoogLeNet as the config says, evaluating on the way; returns the final state.
+
+  Resumes from the newest good checkpoint in `workdir/checkpoints` if there is one, and
+  then continues exactly as an uninterrupted run would (same batches, dropout, metrics).
+  """
   info = input_pipeline.get_dataset_info(config)
   input_pipeline.check_batch_size(config.batch_size, jax.process_count(), jax.device_count())
   steps_per_epoch, num_steps = resolve_steps(config, info)
@@ -250,35 +330,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
              f'{config.batch_size} on {jax.device_count()} device(s) in '
              f'{jax.process_count()} process(es).')
 
-  state = init()
-  start_step = int(state.step)
-  train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
-  log_every = config.log_every_steps
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else num_steps
-  progress = writer.progress(start_step, num_steps)
-  window, window_start = [], time.perf_counter()
-  for step in range(start_step + 1, num_steps + 1):
-    batch = sharding.global_batch(next(train_iter))
-    state, step_metrics = train_fn(state, batch)
-    window.append(step_metrics)
-    progress.update()
-    if step % log_every == 0 or step == num_steps:
-      window = jax.device_get(window)  # the only host sync on the train path
-      elapsed = time.perf_counter() - window_start
-      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      summary['lr'] = float(window[-1]['lr'])
-      summary['images_per_sec'] = len(window) * config.batch_size / elapsed
-      writer.write(step, 'train', summary)
-      progress.set_postfix(loss=f"{summary['loss']:.3f}",
-                           img_s=f"{summary['images_per_sec']:.0f}")
-      window, window_start = [], time.perf_counter()
-    if step % eval_every == 0 or step == num_steps:
-      eval_metrics = evaluate(eval_fn, state, config, sharding)
-      writer.write(step, 'eval', eval_metrics)
-      progress.write(f"step {step}: eval top1 {eval_metrics['top1']:.4f} "
-                     f"top5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f} "
-                     f"({eval_metrics['count']} examples)")
-      window_start = time.perf_counter()  # eval time is not train throughput
-  progress.close()
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, max_to_keep=config.get('checkpoint_max_to_keep', 3),
+      keep_best=config.get('checkpoint_keep_best', True),
+      async_save=config.get('checkpoint_async', True))
+  run_fields = checkpoint_lib.run_fields(config, info.num_classes)
+  abstract_state = jax.eval_shape(init)
+  restored = checkpointer.restore_latest(
+      checkpoint_lib.abstract_tree(abstract_state, sharding.replicated), run_fields)
+  window = []  # train metrics of the steps since the last log point
+  if restored is None:
+    state = init()
+    start_step = 0
+  else:
+    tree, meta, start_step = restored
+    state = abstract_state.replace(**tree)
+    window = [{k: np.float32(v) for k, v in m.items()} for m in meta.get('train_window', [])]
+    writer.log(f'Resumed from checkpoint {checkpointer.directory}/{start_step} '
+               f'(step {start_step} of {num_steps}).')
+  if jax.process_index() == 0:
+    truncate_metrics(workdir, start_step)
+
+  ckpt_every = config.get('checkpoint_every_steps', 0)
+  preemption = _Preemption(checkpointer, install=jax.process_count() == 1)
+
+  def save(step, eval_metrics=None):
+    nonlocal window
+    window = jax.device_get(window)
+    bad = _first_bad_step(window, step - len(window) + 1)
+    if bad is not None:
+      raise _nan_error(bad[0], bad[1], checkpointer)
+    if not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+      raise _nan_error(step, None, checkpointer)
+    meta = {'format': checkpoint_lib.FORMAT_VERSION, 'run': run_fields,
+            'input': {'next_batch': step, 'seed': int(config.seed),
+                      'batch_size': int(config.batch_size), 'dataset': config.dataset},
+            'num_train_steps': num_steps,
+            'train_window': [{k: float(v) for k, v in m.items()} for m in window]}
+    metrics = None
+    if eval_metrics is not None:
+      metrics = {checkpoint_lib.BEST_METRIC: float(eval_metrics['top1'])}
+    checkpointer.save(step, state, meta, metrics)
+
+  try:
+    train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
+    log_every = config.log_every_steps
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else num_steps
+    progress = writer.progress(start_step, num_steps)
+    window_start = time.perf_counter()
+    for step in range(start_step + 1, num_steps + 1):
+      batch = sharding.global_batch(next(train_iter))
+      state, step_metrics = train_fn(state, batch)
+      window.append(step_metrics)
+      progress.update()
+      if step % log_every == 0 or step == num_steps:
+        window = jax.device_get(window)  # the only host sync on the train path
+        bad = _first_bad_step(window, step - len(window) + 1)
+        if bad is not None:
+          raise _nan_error(bad[0], bad[1], checkpointer)
+        elapsed = time.perf_counter() - window_start
+        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        summary['lr'] = float(window[-1]['lr'])
+        summary['images_per_sec'] = len(window) * config.batch_size / elapsed
+        writer.write(step, 'train', summary)
+        progress.set_postfix(loss=f"{summary['loss']:.3f}",
+                             img_s=f"{summary['images_per_sec']:.0f}")
+        window, window_start = [], time.perf_counter()
+      eval_metrics = None
+      if step % eval_every == 0 or step == num_steps:
+        eval_metrics = evaluate(eval_fn, state, config, sharding)
+        writer.write(step, 'eval', eval_metrics)
+        progress.write(f"step {step}: eval top1 {eval_metrics['top1']:.4f} "
+                       f"top5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f} "
+                       f"({eval_metrics['count']} examples)")
+        window_start = time.perf_counter()  # eval time is not train throughput
+      preempted = preemption.reached(step)
+      if (preempted or step == num_steps or eval_metrics is not None
+          or (ckpt_every > 0 and step % ckpt_every == 0)):
+        save(step, eval_metrics)
+      if preempted:
+        checkpointer.wait()
+        progress.close()
+        writer.log(f'Preempted (SIGTERM) at step {step} of {num_steps}: checkpoint '
+                   f'{checkpointer.directory}/{step} is written; exiting. Run the same '
+                   'command again to resume.')
+        break
+    progress.close()
+    checkpointer.wait()
+  finally:
+    preemption.restore()
+    checkpointer.close()
   writer.close()
   return state
+
+
+def _nan_error(step: int, loss, checkpointer) -> FloatingPointError:
+  checkpointer.wait()
+  good = checkpointer.latest_step()
+  kept = (f'the last good checkpoint (step {good}) in {checkpointer.directory} is untouched'
+          if good is not None else 'no checkpoint was written')
+  what = (f'Non-finite training loss ({loss}) at step {step}' if loss is not None else
+          f'The parameters or optimizer state became non-finite by step {step}')
+  return FloatingPointError(
+      f'{what}; stopping, {kept}. Lower the learning rate, clip gradients '
+      '(--config.grad_clip_norm) or check the data.')
