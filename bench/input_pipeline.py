@@ -119,8 +119,7 @@ def main(argv=None) -> None:
     print(f'eval:  {eval_rate:.0f} images/s ({n_eval} images, one pass from the first '
           f'batch on, centre crop 0.875)')
     cores = os.cpu_count()
-    print(f'on {cores} CPU cores. The CPU train step at 224 takes ~8-25 images/s: the '
-          f'pipeline delivers {rate / 25:.0f}x-{rate / 8:.0f}x that.')
+    print(f'on {cores} CPU cores. Compare with the train step: python bench/train_step.py')
 
 
 if __name__ == '__main__':

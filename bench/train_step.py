@@ -6,13 +6,16 @@ Median of --steps timed steps after one warm-up step, each synchronised with
 block_until_ready; compile time measured separately.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 
-from configs import cpu
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import cpu  # pylint: disable=wrong-import-position
 from gnet_jax import train_lib
 
 
