@@ -25,7 +25,6 @@ the position in `load_digits()` (handy to trace an example back).
 """
 from __future__ import annotations
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -67,9 +66,6 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {'1.0.0': 'train = first 1,437, test = last 360 (unseen writers).',
                    '2.0.0': 'Stratified: every fifth image of each class is test.'}
-  # tfds derives this from the package through `importlib_resources`, which is not
-  # a dependency of tfds 4.9.x and fails to import; say where the code is instead.
-  code_path = epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

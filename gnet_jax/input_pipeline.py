@@ -86,7 +86,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
 import logging
 import math
 import os
@@ -94,7 +93,6 @@ import random
 import sys
 from typing import Any, Iterator
 
-from etils import epath
 import jax
 import numpy as np
 import tensorflow as tf
@@ -373,11 +371,9 @@ def _ensure_prepared(builder, config) -> None:
           f'multi-process run, with:\n  {command}')
     logger.warning('Preparing %s from %s into %s: for ImageNet this takes hours.',
                    builder.name, manual_dir, data_dir)
-    _work_around_tfds_11212(builder)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return
-  _work_around_tfds_11212(builder)
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
@@ -386,27 +382,6 @@ def _ensure_prepared(builder, config) -> None:
         f'could not download and prepare it ({type(e).__name__}: {e}). Check the network '
         'and config.data_dir, or prepare it on a machine with network access and copy '
         f'{data_dir}.') from e
-
-
-def _work_around_tfds_11212(builder) -> None:
-  """Lets tfds 4.9.x prepare a dataset when `importlib_resources` is not installed.
-
-  tfds finds a builder's code (for its checksums) through `importlib_resources`,
-  which it does not declare as a dependency (tensorflow/datasets#11212), so
-  `download_and_prepare` fails with ModuleNotFoundError. Give the builder class the
-  path tfds would have computed: the file that defines it.
-  """
-  try:
-    import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
-    return
-  except ImportError:
-    pass
-  cls = type(builder)
-  if 'code_path' not in vars(cls):
-    try:
-      cls.code_path = epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):  # Defined in a notebook: tfds then needs no checksums.
-      cls.code_path = None
 
 
 # What the manual directory must hold, per dataset (tfds's builder reads these).

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gnet_jax import GoogLeNet, GoogLeNetOutputs, Inception, apply_fn, init_fn
+from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn
 from gnet_jax import model as model_lib
 from gnet_jax import summary
 

@@ -24,20 +24,23 @@ def tiny_overrides(data_dir, workdir, steps=3, batch_size=16):
           '--config.log_every_steps=1', f'--config.eval_every_steps={steps}']
 
 
-def run_train(args, devices=1, env=None, check=True):
+def train_command(args, devices=1, env=None):
+  """(argv, env) of `train.py` on the quickstart config with `devices` CPU devices."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.run([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, check=check,
+  return [sys.executable, 'train.py', '--config=configs/quickstart.py', *args], env
+
+
+def run_train(args, devices=1, env=None, check=True):
+  argv, env = train_command(args, devices, env)
+  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=check,
                         timeout=900)
 
 
 def start_train(args, devices=1, env=None):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  argv, env = train_command(args, devices, env)
+  return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc):
