@@ -595,6 +595,21 @@ def _preprocess_fn(*, train: bool, augment: str, size: int, flip: bool, dtype: t
   return fn
 
 
+def preprocess_image(raw: bytes, image_size: int, augment: str = 'inception') -> np.ndarray:
+  """One encoded image -> (S, S, 3) float32, exactly as the eval pipeline makes it.
+
+  For prediction outside a dataset; raises ValueError if the bytes are not an image.
+  """
+  fn = _preprocess_fn(train=False, augment=augment, size=image_size, flip=False,
+                      dtype=tf.float32, aug_key=0)
+  record = {'raw': tf.constant(raw), 'label': tf.constant(0, tf.int64),
+            'pos': tf.constant(0, tf.int64), 'key': tf.constant('')}
+  try:
+    return fn(record)['image'].numpy()
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+    raise ValueError(f'not a readable image ({e.message.splitlines()[0]})') from e
+
+
 # ----------------------------------------------------------------------------------
 # Pipelines.
 # ----------------------------------------------------------------------------------

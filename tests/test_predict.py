@@ -1,0 +1,73 @@
+"""predict: top-5 with ImageNet names from converted weights, batching, unreadable files."""
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from gnet_jax import convert, init_fn, input_pipeline, predict
+
+OPTIONS = dict(variant='torchvision', aux_logits=False, transform_input=True)
+
+
+@pytest.fixture(scope='module')
+def weights_dir(tmp_path_factory):
+  variables = jax.jit(lambda x: init_fn(jax.random.key(0), x, **OPTIONS))(
+      jnp.zeros((1, 224, 224, 3)))
+  out = tmp_path_factory.mktemp('converted')
+  convert.save_converted(variables, {'num_classes': 1000, **OPTIONS}, out)
+  return out
+
+
+@pytest.fixture(scope='module')
+def image_files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('images')
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, (size, mode) in enumerate([((300, 200), 'RGB'), ((64, 64), 'L'), ((500, 375), 'RGBA')]):
+    path = folder / f'image{i}.{"png" if mode != "RGB" else "jpg"}'
+    pixels = rng.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(), mode).save(path)
+    paths.append(str(path))
+  broken = folder / 'notes.jpg'
+  broken.write_text('not an image')
+  return paths, str(broken)
+
+
+def test_top5_with_imagenet_names_in_batches(weights_dir, image_files, capsys):
+  paths, _ = image_files
+  predictor = predict.Predictor.from_converted(str(weights_dir))
+  assert predictor.class_names[:2] == ['tench', 'goldfish'] and len(predictor.class_names) == 1000
+  one_batch = list(predict.predict_files(predictor, paths, batch_size=32))
+  small_batches = list(predict.predict_files(predictor, paths, batch_size=2))
+  assert [p for p, _ in one_batch] == paths
+  for (_, a), (_, b) in zip(one_batch, small_batches):
+    assert [n for n, _ in a] == [n for n, _ in b]
+    np.testing.assert_allclose([p for _, p in a], [p for _, p in b], rtol=1e-4)
+  for _, top5 in one_batch:
+    probs = [p for _, p in top5]
+    assert len(top5) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert all(name in predictor.class_names for name, _ in top5)
+  assert predict.main(['--checkpoint', str(weights_dir), *paths]) == 0
+  out = capsys.readouterr().out
+  assert out.count('%') == 15 and paths[0] in out
+
+
+def test_preprocessing_is_the_eval_pipelines(image_files):
+  paths, _ = image_files
+  with open(paths[0], 'rb') as f:
+    image = input_pipeline.preprocess_image(f.read(), 224)
+  assert image.shape == (224, 224, 3) and image.dtype == np.float32
+  # Normalised with the ImageNet mean/std: a mid-grey pixel lands near zero.
+  grey = io.BytesIO()
+  Image.new('RGB', (50, 40), (124, 116, 104)).save(grey, 'PNG')
+  np.testing.assert_allclose(input_pipeline.preprocess_image(grey.getvalue(), 32), 0, atol=0.01)
+
+
+def test_unreadable_file_is_named_and_fails_the_command(weights_dir, image_files, capsys):
+  paths, broken = image_files
+  assert predict.main(['--checkpoint', str(weights_dir), paths[0], broken]) == 1
+  captured = capsys.readouterr()
+  assert f'cannot read {broken}' in captured.err and paths[0] in captured.out
