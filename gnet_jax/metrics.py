@@ -26,10 +26,10 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_curves(records: list[dict], path: str) -> None:
   """Loss and top-1 against step, train and eval, side by side."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  # A bare Figure: no pyplot, so no global backend is touched (notebooks keep theirs).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   titles = ('loss (train: with aux heads and label smoothing)', 'top-1 accuracy')
   for ax, key, title in zip(axes, ('loss', 'top1'), titles):
     for split, style in (('train', '-'), ('eval', 'o-')):
@@ -42,7 +42,6 @@ def plot_curves(records: list[dict], path: str) -> None:
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 class _NoProgress:
