@@ -4,8 +4,13 @@ Any config field can be overridden: `--config.batch_size=256 --config.model.aux_
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --multihost on a TPU pod
 or SLURM cluster, where JAX finds them itself.
+
+Checkpoints go to <workdir>/checkpoints: running the same command again on a workdir that
+has some resumes from the newest good one. SIGTERM (preemption) saves a checkpoint at the
+end of the current step and exits 0.
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,7 +47,13 @@ def main(argv):
         FLAGS.process_id if FLAGS.process_id is not None else env_int('JAX_PROCESS_ID'))
   logging.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
                jax.devices())
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from gnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,
+          checkpoint.CheckpointWriteError, FloatingPointError) as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.aux_logits = True  # The paper's two auxiliary heads, loss weight 0.3.
   config.model.dropout_rate = config_dict.placeholder(float)  # None: the variant's (0.4 paper, 0.2 torchvision).
   config.model.use_bn = True  # False builds the paper's network without BatchNorm.
+  # torchvision's input transform; its converted ImageNet weights need True.
+  config.model.transform_input = False
   config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
 
   # --- Optimisation (gnet_jax/train_lib.py) ---
@@ -72,4 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_max_to_keep = 3  # The latest K are kept...
   config.checkpoint_keep_best = True  # ...plus the one with the best eval top-1.
   config.checkpoint_async = True  # Write in the background while training goes on.
+  # A non-finite loss stops the run naming the step (no NaN state is ever saved). True
+  # instead skips such steps (parameters unchanged, the batch is consumed) and logs them.
+  config.skip_nonfinite_steps = False
+  # Fine-tuning: converted weights (python -m gnet_jax.convert) or another run's workdir
+  # initialise the parameters; another num_classes replaces the classifier and aux
+  # classifiers (and says so), any other model difference is an error naming it. The
+  # optimizer and step start anew. Ignored once this workdir has a checkpoint of its own.
+  config.init_from = ''
   return config

@@ -23,6 +23,7 @@ or processes restores onto any other.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -81,16 +82,16 @@ def run_fields(config, num_classes: int) -> dict:
   }
 
 
-def check_compatible(saved: dict, current: dict, step: int, directory: str,
-                     finetune: bool = False) -> None:
+def check_compatible(saved: dict, current: dict, step: int, directory: str) -> None:
   """CheckpointMismatchError naming every structural field that differs; warns on the rest."""
   differ = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
             for k in STRUCTURE_FIELDS if k in saved and saved.get(k) != current.get(k)]
-  if differ and not finetune:
+  if differ:
     raise CheckpointMismatchError(
         f'The checkpoint of step {step} in {directory} does not match the config: '
-        + '; '.join(differ) + '. Use another --workdir for a new run, or set '
-        '--config.checkpoint_finetune=True to start from its matching parameters.')
+        + '; '.join(differ) + '. Use another --workdir for a new run; to fine-tune from '
+        'this checkpoint, start a new workdir with '
+        f'--config.init_from={os.path.dirname(directory)}.')
   changed = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
              for k in RUN_FIELDS if k in saved and saved.get(k) != current.get(k)]
   if changed:
@@ -224,6 +225,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f'gnet_checkpoint_set_aside_{step}')
     self.manager.reload()
+    self._last_saved = self.manager.latest_step()
 
   # --- writing -----------------------------------------------------------------------
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> bool:
@@ -266,9 +268,63 @@ class Checkpointer:
     self.manager.close()
 
 
+def merge_matching(fresh: dict, loaded: dict) -> tuple[dict, list[str]]:
+  """`fresh` with every leaf that `loaded` has at the same path and shape replaced by it.
+
+  For fine-tuning: a classifier for another class count keeps its fresh initialisation.
+  Returns (merged, paths of the leaves kept fresh).
+  """
+  flat_loaded = {jax.tree_util.keystr(p): x
+                 for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  kept_fresh = []
+
+  def pick(path, x):
+    y = flat_loaded.get(jax.tree_util.keystr(path))
+    if y is None or tuple(y.shape) != tuple(x.shape):
+      kept_fresh.append(jax.tree_util.keystr(path))
+      return x
+    return jax.numpy.asarray(y, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, fresh), kept_fresh
+
+
 # ---------------------------------------------------------------------------------------
 # Outside training
 # ---------------------------------------------------------------------------------------
+RUN_INFO_FILE = 'run.json'  # in the workdir: what the model is and what data it was for
+
+
+def write_run_info(workdir: str, model_kwargs: dict, class_names, image_size: int,
+                   augment: str) -> None:
+  """Records what predict/export/fine-tuning need to rebuild the model of a workdir."""
+  with open(os.path.join(workdir, RUN_INFO_FILE), 'w') as f:
+    json.dump({'model_kwargs': model_kwargs, 'class_names': list(class_names),
+               'image_size': image_size, 'augment': augment}, f, indent=2)
+
+
+def load_model(path: str, step: int | None = None) -> tuple[dict, dict, dict]:
+  """(variables, model_kwargs, info) of a training workdir or of converted weights.
+
+  `apply_fn(variables, images, **model_kwargs)` runs the model; info holds its
+  'class_names', 'image_size' and eval preprocessing ('augment'). A workdir gives its
+  latest checkpoint (or `step`); a directory from `gnet_jax.convert` gives torchvision's
+  ImageNet model (224x224, ImageNet class names).
+  """
+  from gnet_jax import convert  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(path, 'model.json')):
+    variables, model_kwargs = convert.load_converted(path)
+    return variables, model_kwargs, {'class_names': convert.imagenet_class_names(),
+                                     'image_size': 224, 'augment': 'inception'}
+  info_path = os.path.join(path, RUN_INFO_FILE)
+  if not os.path.exists(info_path):
+    raise FileNotFoundError(
+        f'{path} is neither a training workdir (no {RUN_INFO_FILE}) nor a directory of '
+        'converted weights (no model.json).')
+  with open(info_path) as f:
+    info = json.load(f)
+  return load_variables(path, step), info.pop('model_kwargs'), info
+
+
 def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
   """{'params', 'batch_stats'} of a workdir's latest (or given) checkpoint, for `apply_fn`.
 
@@ -276,6 +332,9 @@ def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
   corrupt checkpoints (with a warning) like a resume does, without moving anything.
   """
   directory = checkpoint_dir(workdir)
+  if (not os.path.isdir(directory)
+      and os.path.basename(os.path.normpath(os.fspath(workdir))) == CHECKPOINT_DIR):
+    directory = os.path.abspath(os.fspath(workdir))  # given the checkpoints folder itself
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints in {workdir} (expected {directory}).')
   manager = ocp.CheckpointManager(

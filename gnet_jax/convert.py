@@ -184,6 +184,14 @@ def save_converted(variables: dict, model_kwargs: dict, out_dir) -> Path:
   return out_dir
 
 
+IMAGENET_CLASSES_FILE = Path(__file__).with_name('imagenet_classes.txt')
+
+
+def imagenet_class_names() -> list[str]:
+  """The 1,000 ImageNet class names, in the order of torchvision's (and tfds's) labels."""
+  return IMAGENET_CLASSES_FILE.read_text().splitlines()
+
+
 def load_converted(out_dir) -> tuple[dict, dict]:
   """(variables, model_kwargs) as written by the CLI: apply_fn(variables, x, **model_kwargs)."""
   import orbax.checkpoint as ocp

@@ -2,9 +2,11 @@
 
     python -m gnet_jax.export --checkpoint DIR --out OUT --format stablehlo|saved_model
 
-DIR is a directory written by `python -m gnet_jax.convert`. Both formats take a batch of
-any size of NHWC float32 images, normalised as in training, at the checkpoint's image
-size, and return float32 logits; the batch dimension is symbolic.
+DIR is a training workdir (its latest checkpoint, or --step) or a directory written by
+`python -m gnet_jax.convert`. Both formats take a batch of any size of NHWC float32
+images, normalised as in training, at the checkpoint's image size (224 for converted
+weights; --image_size overrides), and return float32 logits; the batch dimension is
+symbolic.
 
 - stablehlo: OUT/model.jaxexport, bytes of `jax.export.Exported.serialize()`; reload
   with `jax.export.deserialize(data).call(images)`. Parameters are baked in.
@@ -79,15 +81,19 @@ def save_saved_model(variables, model_kwargs: dict, image_size: int, out_dir: st
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--checkpoint', required=True, help='directory of converted weights')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a training workdir or a directory of converted weights')
+  parser.add_argument('--step', type=int, default=None, help='a workdir checkpoint step')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--format', required=True, choices=FORMATS)
-  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--image_size', type=int, default=None)
   args = parser.parse_args(argv)
-  from gnet_jax.convert import load_converted  # pylint: disable=import-outside-toplevel
-  variables, model_kwargs = load_converted(args.checkpoint)
+  from gnet_jax.predict import Predictor  # pylint: disable=import-outside-toplevel
+  model = Predictor.from_checkpoint(args.checkpoint, args.step)
   save = save_stablehlo if args.format == 'stablehlo' else save_saved_model
-  print(f'wrote {save(variables, model_kwargs, args.image_size, args.out)}')
+  path = save(model.variables, model.model_kwargs, args.image_size or model.image_size,
+              args.out)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

@@ -2,8 +2,10 @@
 
     python -m gnet_jax.predict --checkpoint DIR IMAGE [IMAGE ...] [--batch_size 32]
 
-DIR is a directory written by `python -m gnet_jax.convert` (ImageNet class names,
-224x224 with the ImageNet eval crop). Images are preprocessed exactly as the eval
+DIR is a training workdir (its latest checkpoint; the class names, image size and eval
+preprocessing of the data it was trained on) or a directory written by
+`python -m gnet_jax.convert` (ImageNet class names, 224x224 with the ImageNet eval
+crop). Images are preprocessed exactly as the eval
 pipeline does and run in batches of --batch_size; a file that is not a readable image
 is reported by name and skipped, and the command then exits 1.
 """
@@ -12,21 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 
 import jax
 import numpy as np
 
 from gnet_jax.model import apply_fn
-
-IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(__file__), 'imagenet_classes.txt')
-
-
-def imagenet_class_names() -> list[str]:
-  with open(IMAGENET_CLASSES_FILE) as f:
-    return [line.rstrip('\n') for line in f]
-
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
@@ -38,10 +31,12 @@ class Predictor:
   augment: str = 'inception'  # which eval preprocessing the model was trained with
 
   @classmethod
-  def from_converted(cls, path: str) -> 'Predictor':
-    from gnet_jax.convert import load_converted  # pylint: disable=import-outside-toplevel
-    variables, model_kwargs = load_converted(path)
-    return cls(variables, model_kwargs, imagenet_class_names())
+  def from_checkpoint(cls, path: str, step: int | None = None) -> 'Predictor':
+    """From a training workdir (latest or `step`) or converted weights."""
+    from gnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    variables, model_kwargs, info = checkpoint.load_model(path, step)
+    return cls(variables, model_kwargs, info['class_names'], info['image_size'],
+               info['augment'])
 
   @functools.cached_property
   def _probabilities(self):
@@ -82,11 +77,13 @@ def predict_files(predictor: Predictor, paths, batch_size: int = 32):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--checkpoint', required=True, help='directory of converted weights')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a training workdir or a directory of converted weights')
+  parser.add_argument('--step', type=int, default=None, help='a workdir checkpoint step')
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('images', nargs='+')
   args = parser.parse_args(argv)
-  predictor = Predictor.from_converted(args.checkpoint)
+  predictor = Predictor.from_checkpoint(args.checkpoint, args.step)
   failed = 0
   for path, result in predict_files(predictor, args.images, args.batch_size):
     if isinstance(result, str):

@@ -4,6 +4,12 @@ Data parallelism is `jax.jit` over a one-axis `Mesh` ('data') spanning every dev
 every process: the batch is sharded on 'data', parameters and optimizer state are
 replicated, so BatchNorm statistics and gradients are over the global batch without
 any `axis_name`. The steps are pure functions of (state, batch).
+
+Checkpoints (gnet_jax/checkpoint.py) hold the whole state and the metrics logged since the
+last log point; a run resumes from the newest good one, and because dropout is
+fold_in(rng, step) and the input pipeline starts at the restored step, a resumed run ends
+with the same parameters and metrics.jsonl as an uninterrupted one. SIGTERM saves and exits
+0; a non-finite loss stops the run naming the step, and no non-finite state is ever saved.
 """
 from __future__ import annotations
 
@@ -47,12 +53,53 @@ class TrainState(struct.PyTreeNode):
                         batch_stats=batch_stats, opt_state=opt_state)
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> GoogLeNet:
+def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """The GoogLeNet options that define its function (what a checkpoint's reader needs)."""
   m = config.model
-  return GoogLeNet(num_classes=num_classes, variant=m.variant, aux_logits=m.aux_logits,
-                   dropout_rate=m.dropout_rate, use_bn=m.use_bn,
-                   transform_input=m.get('transform_input', False),
-                   dtype=jnp.dtype(m.dtype))
+  return dict(num_classes=num_classes, variant=m.variant, aux_logits=m.aux_logits,
+              use_bn=m.use_bn, transform_input=m.transform_input)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> GoogLeNet:
+  return GoogLeNet(**model_kwargs(config, num_classes), dropout_rate=config.model.dropout_rate,
+                   dtype=jnp.dtype(config.model.dtype))
+
+
+# Options whose difference makes other weights unusable; num_classes and aux_logits only
+# change heads, which are then initialised afresh.
+MUST_MATCH = ('variant', 'use_bn', 'transform_input')
+
+
+def init_from(state: TrainState, path: str, kwargs: dict, tx, sharding, writer) -> TrainState:
+  """`state` with the parameters of converted weights or of another run's workdir.
+
+  A different num_classes (or aux heads the weights lack) keeps those heads freshly
+  initialised and says so; any other difference is an error naming it.
+  """
+  variables, source, _ = checkpoint_lib.load_model(path)
+  defaults = {f.name: f.default for f in dataclasses.fields(GoogLeNet)}
+  source = {**{k: defaults[k] for k in MUST_MATCH}, **source}
+  differ = [f'{k}: weights {source[k]!r}, config {kwargs[k]!r} (set '
+            f'--config.model.{k}={source[k]})' for k in MUST_MATCH if source[k] != kwargs[k]]
+  if differ:
+    raise ValueError(f'config.init_from={path!r} does not fit this model: '
+                     + '; '.join(differ) + '.')
+  fresh = {'params': state.params, 'batch_stats': state.batch_stats}
+  merged, kept_fresh = checkpoint_lib.merge_matching(fresh, variables)
+  heads = ('classifier', 'aux_4a', 'aux_4d')
+  unexpected = [p for p in kept_fresh if not any(f"['{h}']" in p for h in heads)]
+  if unexpected:
+    raise ValueError(f'config.init_from={path!r}: no matching weights for {unexpected[:5]}.')
+  merged = jax.device_put(merged, sharding.replicated)
+  if kept_fresh:
+    writer.log(f"Initialised from {path}; freshly initialised (num_classes "
+               f"{source.get('num_classes')} -> {kwargs['num_classes']}, or aux heads the "
+               f"weights lack): {sorted({p.split(']')[1] + ']' for p in kept_fresh})}.")
+  else:
+    writer.log(f'Initialised from {path}: every parameter loaded.')
+  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'],
+                       opt_state=jax.jit(tx.init, out_shardings=sharding.replicated)(
+                           merged['params']))
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,8 +173,13 @@ def topk_correct(logits, labels, k: int):
 
 
 def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
-               label_smoothing: float = 0.0):
-  """One optimizer step on a global batch; returns (new state, metrics)."""
+               label_smoothing: float = 0.0, skip_nonfinite: bool = False):
+  """One optimizer step on a global batch; returns (new state, metrics).
+
+  skip_nonfinite: a step whose loss or gradients are not finite leaves the parameters,
+  statistics and optimizer state as they were (the step counter still advances, so the
+  next step takes the next batch); metrics['skipped'] is then 1.
+  """
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -154,6 +206,12 @@ def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
       'top5': jnp.mean(topk_correct(logits, batch['label'], 5)),
       'lr': learning_rate_fn(state.step),
   }
+  if skip_nonfinite:
+    ok = jnp.isfinite(loss) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                             state).replace(step=new_state.step)
+    metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
   return new_state, metrics
 
 
@@ -199,7 +257,8 @@ def compile_steps(config, model, tx, learning_rate_fn, sharding: Sharding, image
   state_sharding = jax.tree.map(lambda _: sharding.replicated, jax.eval_shape(init))
   train = jax.jit(
       functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=config.label_smoothing),
+                        label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.get('skip_nonfinite_steps', False)),
       in_shardings=(state_sharding, sharding.data),
       out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model),
@@ -293,7 +352,7 @@ class _Preemption:
 
 def _first_bad_step(window: list[dict], first_step: int):
   for i, m in enumerate(window):
-    if not np.isfinite(m['loss']):
+    if not np.isfinite(m['loss']) and not m.get('skipped', 0):
       return first_step + i, float(m['loss'])
   return None
 
@@ -325,6 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                           config.image_size)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config)
+  if jax.process_index() == 0:
+    checkpoint_lib.write_run_info(workdir, model_kwargs(config, info.num_classes),
+                                  info.class_names, config.image_size, config.augment)
   writer.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
              f'{info.num_classes} classes; {num_steps} steps of global batch '
              f'{config.batch_size} on {jax.device_count()} device(s) in '
@@ -342,6 +404,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if restored is None:
     state = init()
     start_step = 0
+    if config.get('init_from'):
+      state = init_from(state, config.init_from, model_kwargs(config, info.num_classes), tx,
+                        sharding, writer)
   else:
     tree, meta, start_step = restored
     state = abstract_state.replace(**tree)
@@ -389,11 +454,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if bad is not None:
           raise _nan_error(bad[0], bad[1], checkpointer)
         elapsed = time.perf_counter() - window_start
-        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        rows = [m for m in window if not m.get('skipped', 0)]  # all, unless skipping
+        summary = {k: float(np.mean([m[k] for m in rows])) for k in window[0] if rows}
         summary['lr'] = float(window[-1]['lr'])
+        if 'skipped' in window[0]:
+          summary['skipped'] = float(sum(m['skipped'] for m in window))
+          if summary['skipped']:
+            writer.log(f"Skipped {int(summary['skipped'])} step(s) with a non-finite loss "
+                       f'or gradient among steps {step - len(window) + 1}-{step}.')
         summary['images_per_sec'] = len(window) * config.batch_size / elapsed
         writer.write(step, 'train', summary)
-        progress.set_postfix(loss=f"{summary['loss']:.3f}",
+        progress.set_postfix(loss=f"{summary.get('loss', float('nan')):.3f}",
                              img_s=f"{summary['images_per_sec']:.0f}")
         window, window_start = [], time.perf_counter()
       eval_metrics = None

@@ -1,6 +1,5 @@
 """Exported models (jax.export and TF SavedModel) reload and give apply_fn's logits."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -38,7 +38,7 @@ def image_files(tmp_path_factory):
 
 def test_top5_with_imagenet_names_in_batches(weights_dir, image_files, capsys):
   paths, _ = image_files
-  predictor = predict.Predictor.from_converted(str(weights_dir))
+  predictor = predict.Predictor.from_checkpoint(str(weights_dir))
   assert predictor.class_names[:2] == ['tench', 'goldfish'] and len(predictor.class_names) == 1000
   one_batch = list(predict.predict_files(predictor, paths, batch_size=32))
   small_batches = list(predict.predict_files(predictor, paths, batch_size=2))
