@@ -134,7 +134,7 @@ def decay_mask(params):
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   chain = []
-  if config.get('grad_clip_norm'):
+  if config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == 'sgd':
     chain += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
@@ -258,7 +258,7 @@ def compile_steps(config, model, tx, learning_rate_fn, sharding: Sharding, image
   train = jax.jit(
       functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
                         label_smoothing=config.label_smoothing,
-                        skip_nonfinite=config.get('skip_nonfinite_steps', False)),
+                        skip_nonfinite=config.skip_nonfinite_steps),
       in_shardings=(state_sharding, sharding.data),
       out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model),
@@ -285,7 +285,7 @@ def evaluate(eval_fn, state, config, sharding: Sharding) -> dict[str, float]:
 def resolve_steps(config, info) -> tuple[int, int]:
   """(steps per epoch, total train steps); num_train_steps > 0 overrides num_epochs."""
   steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
-  if config.get('num_train_steps', -1) > 0:
+  if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
 
@@ -393,9 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
              f'{jax.process_count()} process(es).')
 
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, max_to_keep=config.get('checkpoint_max_to_keep', 3),
-      keep_best=config.get('checkpoint_keep_best', True),
-      async_save=config.get('checkpoint_async', True))
+      workdir, max_to_keep=config.checkpoint_max_to_keep,
+      keep_best=config.checkpoint_keep_best,
+      async_save=config.checkpoint_async)
   run_fields = checkpoint_lib.run_fields(config, info.num_classes)
   abstract_state = jax.eval_shape(init)
   restored = checkpointer.restore_latest(
@@ -404,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if restored is None:
     state = init()
     start_step = 0
-    if config.get('init_from'):
+    if config.init_from:
       state = init_from(state, config.init_from, model_kwargs(config, info.num_classes), tx,
                         sharding, writer)
   else:
@@ -416,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if jax.process_index() == 0:
     truncate_metrics(workdir, start_step)
 
-  ckpt_every = config.get('checkpoint_every_steps', 0)
+  ckpt_every = config.checkpoint_every_steps
   preemption = _Preemption(checkpointer, install=jax.process_count() == 1)
 
   def save(step, eval_metrics=None):
