@@ -13,12 +13,14 @@ Images are NHWC. The model knows nothing of devices or meshes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 VARIANTS = ('paper', 'torchvision')
@@ -80,8 +82,66 @@ class BasicConv(nn.Module):
     return nn.relu(x)
 
 
-def max_pool_ceil(x, window: int, stride: int):
-  """torch's MaxPool2d(window, stride, ceil_mode=True, padding=0) on NHWC input.
+def _window_views(xp, window: int, stride: int, out_hw):
+  """(i, j, view) for each offset of the window: the strided view of padded `xp` that
+  holds every window's element (i, j). Row-major, the order in which both XLA and
+  torch pick a window's first maximum."""
+  n, _, _, c = xp.shape
+  return [(i, j, lax.slice(xp, (0, i, j, 0),
+                           (n, i + (out_hw[0] - 1) * stride + 1,
+                            j + (out_hw[1] - 1) * stride + 1, c), (1, stride, stride, 1)))
+          for i in range(window) for j in range(window)]
+
+
+def _pad_neg_inf(x, padding):
+  return jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int, stride: int, padding):
+  """Max pool of NHWC `x` padded with -inf by padding ((top, bottom), (left, right)).
+
+  The same function and gradient as `nn.max_pool` (the gradient goes to the first
+  maximum of each window, as in torch), written out because XLA's CPU gradient of
+  max pooling (select-and-scatter) took a third of a train step; this one is
+  elementwise work (BENCHMARKS.md).
+  """
+  return _max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _max_pool_fwd(x, window, stride, padding):
+  if stride > 1:
+    y = lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
+                          (1, stride, stride, 1), ((0, 0), *padding, (0, 0)))
+  else:  # XLA CPU's reduce-window is slow at stride 1; contiguous views are not.
+    views = _window_views(_pad_neg_inf(x, padding), window, 1, x.shape[1:3])
+    y = functools.reduce(jnp.maximum, [v for _, _, v in views])
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, g):
+  x, y = residuals
+  xp = _pad_neg_inf(x, padding)
+  oh, ow = y.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  taken = jnp.zeros(y.shape, bool)  # the window's maximum has been found
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  for i, j, view in _window_views(xp, window, stride, (oh, ow)):
+    first = (view == y) & ~taken
+    taken = taken | first
+    # Scatter back: the inverse of a strided view is interior padding.
+    dxp = dxp + lax.pad(jnp.where(first, g, zero), zero, (
+        (0, 0, 0), (i, xp.shape[1] - i - (oh - 1) * stride - 1, stride - 1),
+        (j, xp.shape[2] - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  (top, _), (left, _) = padding
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def ceil_mode_padding(x, window: int, stride: int):
+  """The padding that gives torch's MaxPool2d(window, stride, ceil_mode=True).
 
   Ceil mode keeps a last, partial window as long as it starts inside the input;
   padding with -inf on the bottom/right gives exactly that.
@@ -92,7 +152,12 @@ def max_pool_ceil(x, window: int, stride: int):
     if (out - 1) * stride >= n:
       out -= 1
     pads.append((0, (out - 1) * stride + window - n))
-  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+  return tuple(pads)
+
+
+def max_pool_ceil(x, window: int, stride: int):
+  """torch's MaxPool2d(window, stride, ceil_mode=True, padding=0) on NHWC input."""
+  return max_pool(x, window, stride, ceil_mode_padding(x, window, stride))
 
 
 class MaxPool(nn.Module):
@@ -105,8 +170,7 @@ class MaxPool(nn.Module):
     if self.ceil_mode:
       return max_pool_ceil(x, self.window, self.stride)
     pad = (self.window - 1) // 2
-    return nn.max_pool(x, (self.window, self.window), (self.stride, self.stride),
-                       padding=((pad, pad), (pad, pad)))
+    return max_pool(x, self.window, self.stride, ((pad, pad), (pad, pad)))
 
 
 class GlobalAvgPool(nn.Module):

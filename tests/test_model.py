@@ -1,6 +1,7 @@
 """The model: shapes of the seed's walkthrough, per-block costs, variants, API, errors."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +137,40 @@ def test_ceil_mode_pool(size, window):
   x = np.random.default_rng(0).normal(size=(2, size, size + 1, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(model_lib.max_pool_ceil(x, window, 2)),
                                 torch_ceil_max_pool(x, window, 2))
+
+
+def first_max_pool_grad(xp, g, window, stride):
+  """numpy reference: each window's gradient goes to its first maximum (row-major), as
+  in torch and XLA's select-and-scatter."""
+  dxp = np.zeros_like(xp)
+  for n, i, j, c in np.ndindex(g.shape):
+    patch = xp[n, i * stride:i * stride + window, j * stride:j * stride + window, c]
+    a, b = np.unravel_index(np.argmax(patch), patch.shape)  # argmax takes the first
+    dxp[n, i * stride + a, j * stride + b, c] += g[n, i, j, c]
+  return dxp
+
+
+@pytest.mark.parametrize('window, stride, padding', [
+    (3, 2, ((1, 1), (1, 1))),  # paper's stride-2 pools
+    (3, 2, ((0, 1), (0, 0))),  # a ceil-mode pool
+    (2, 2, ((0, 0), (0, 0))),  # torchvision's pool4
+    (3, 1, ((1, 1), (1, 1))),  # the Inception block's pool path
+])
+def test_max_pool_gradient(window, stride, padding):
+  # ReLU-like values rounded to quarters: many ties, as after a real ReLU.
+  rng = np.random.default_rng(0)
+  x = np.round(np.maximum(rng.normal(size=(2, 9, 8, 3)), 0) * 4).astype(np.float32) / 4
+  y, vjp = jax.vjp(lambda x: model_lib.max_pool(x, window, stride, padding), x)
+  expected_y, expected_vjp = jax.vjp(
+      lambda x: nn.max_pool(x, (window, window), (stride, stride), padding), x)
+  np.testing.assert_array_equal(y, expected_y)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  (dx,), (expected_dx,) = vjp(g), expected_vjp(g)
+  np.testing.assert_allclose(dx, expected_dx, atol=1e-6)
+  xp = np.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-np.inf)
+  (top, _), (left, _) = padding
+  np.testing.assert_allclose(dx, first_max_pool_grad(xp, g, window, stride)[
+      :, top:top + x.shape[1], left:left + x.shape[2]], atol=1e-6)
 
 
 @pytest.mark.parametrize('variant', ['paper', 'torchvision'])
