@@ -33,7 +33,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and jax is configured before first use.
   import jax  # pylint: disable=import-outside-toplevel
-  from gnet_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from gnet_jax import cpu_tuning, train_lib  # pylint: disable=import-outside-toplevel
+  cpu_tuning.use_fast_cpu_kernels()
   coordinator = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   # A multi-host TPU slice lists its hosts here; JAX then finds the cluster itself.
   tpu_hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get('TPU_WORKER_HOSTNAMES')

@@ -19,6 +19,7 @@ import sys
 import jax
 import numpy as np
 
+from gnet_jax import cpu_tuning
 from gnet_jax.model import apply_fn
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('images', nargs='+')
   args = parser.parse_args(argv)
+  cpu_tuning.use_fast_cpu_kernels()
   predictor = Predictor.from_checkpoint(args.checkpoint, args.step)
   failed = 0
   for path, result in predict_files(predictor, args.images, args.batch_size):

@@ -31,6 +31,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gnet_jax import checkpoint as checkpoint_lib
+from gnet_jax import cpu_tuning
 from gnet_jax import input_pipeline
 from gnet_jax import metrics as metrics_lib
 from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
@@ -445,6 +446,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     window_start = time.perf_counter()
     for step in range(start_step + 1, num_steps + 1):
       batch = sharding.global_batch(next(train_iter))
+      if step == start_step + 1:
+        # Compiled ahead of the first step so that the compiler's freed memory goes back
+        # to the OS before the step allocates its own (a lower peak on CPU).
+        train_fn = train_fn.lower(state, batch).compile()
+        cpu_tuning.release_freed_host_memory()
       state, step_metrics = train_fn(state, batch)
       window.append(step_metrics)
       progress.update()

@@ -3,6 +3,11 @@ import os
 
 import pytest
 
+from gnet_jax import cpu_tuning
+
+# The settings train.py uses; also makes the suite faster. Subprocesses inherit them.
+cpu_tuning.use_fast_cpu_kernels()
+
 # Tests build the offline digits dataset once per session under this directory.
 _DATA_DIR_ENV = 'GNET_TEST_DATA_DIR'
 

@@ -1,0 +1,101 @@
+"""bench/: the harness, the accelerator script (on CPU) and the fast CPU settings.
+
+The scripts run in subprocesses, as a user runs them; sizes are tiny, and torch.compile
+uses its 'aot_eager' backend (no C++ code generation), so these check the wiring, not speed.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from gnet_jax import cpu_tuning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args, timeout=600):
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_benchmark_compares_with_torchvision_and_prints_the_curve(tmp_path):
+  out = run_script('bench/benchmark.py', '--batch_sizes', '2,4', '--image_size', '32',
+                   '--steps', '2', '--warmup', '1', '--compare', 'torchvision',
+                   '--torch_compile_backend', 'aot_eager', '--out', str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    report = json.load(f)
+  results = report['results']
+  names = ['gnet_jax', 'torchvision eager', 'torchvision channels_last',
+           'torchvision compile']
+  assert [(r['name'], r['batch_size']) for r in results] == [
+      (n, b) for b in (2, 4) for n in names]
+  for r in results:
+    assert len(r['train_times']) == 2 and len(r['infer_times']) == 2
+    assert r['train_images_per_s'] > 0 and r['infer_images_per_s'] > 0
+    assert r['peak_host_mb'] >= r['train_host_mb'] > 0
+    has_compile = r['name'] in ('gnet_jax', 'torchvision compile')
+    assert (r['train_compile_s'] is not None) == has_compile
+  jax_result = results[0]
+  assert jax_result['train_flops'] > 0
+  assert '--xla_cpu_experimental_ynn_fusion_type=reduce' in jax_result['xla_flags']
+  assert set(report['machine']) >= {'cpu', 'cores', 'memory_gb', 'versions'}
+  assert report['machine']['versions']['torch']
+  table = (tmp_path / 'results.md').read_text()
+  assert table == out[:len(table)] or table in out
+  assert 'gnet_jax / torchvision channels_last | 4 |' in table
+  assert 'Machine: ' in table and 'jax 0.' in table
+  assert 'gnet_jax: train ms per image by batch: 2: ' in out
+  assert (tmp_path / 'curve.png').stat().st_size > 0
+
+
+def test_accelerator_script_runs_on_cpu(tmp_path):
+  out = run_script('bench/accelerator.py', '--smoke', '--out', str(tmp_path))
+  with open(tmp_path / 'accelerator.json') as f:
+    summary = json.load(f)
+  assert summary['matmul_bf16']['flops_per_s'] > 0
+  assert summary['train_images_per_s'] > 0 and summary['torch_compile_train_images_per_s'] > 0
+  assert summary['fraction_of_matmul_rate'] > 0
+  assert summary['input_pipeline_images_per_s'] > 0
+  assert isinstance(summary['pipeline_feeds_train_step'], bool)
+  assert [r['dtype'] for r in summary['results']] == ['bfloat16', 'bfloat16']
+  assert 'of the measured bf16 matmul rate' in out
+  assert (tmp_path / 'accelerator.md').read_text().startswith('- Card: ')
+
+
+CONV_HLO = '''
+import os, sys, jax, jax.numpy as jnp
+from gnet_jax import cpu_tuning
+applied = cpu_tuning.use_fast_cpu_kernels() if sys.argv[1] == 'apply' else None
+x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+text = jax.jit(conv).lower(x, w).compile().as_text()
+print(applied, os.environ.get('XLA_FLAGS', ''), '__ynn_fusion' in text, sep='|')
+print(cpu_tuning.use_fast_cpu_kernels())  # too late now: no change
+print(os.environ.get('XLA_FLAGS', ''))
+'''
+
+
+def run_conv_hlo(mode, xla_flags):
+  env = {**os.environ, 'XLA_FLAGS': xla_flags}
+  proc = subprocess.run([sys.executable, '-c', CONV_HLO, mode], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=True)
+  return proc.stdout[:-1].split('\n')  # the last line may be empty
+
+
+def test_fast_cpu_flags_take_convolutions_off_ynnpack():
+  flags = ' '.join(cpu_tuning.FAST_CPU_FLAGS)
+  first, again, final = run_conv_hlo('apply', '--xla_cpu_enable_fast_math=false')
+  assert first == f'True|--xla_cpu_enable_fast_math=false {flags}|False'
+  assert again == 'True' and final == f'--xla_cpu_enable_fast_math=false {flags}'
+  # Once the backend exists the call changes nothing and says whether they were set.
+  first, again, final = run_conv_hlo('skip', '')
+  assert again == 'False' and final == ''
+
+
+def test_fast_cpu_flags_leave_a_user_choice_alone():
+  first, _, _ = run_conv_hlo('apply', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  assert first.startswith('False|--xla_cpu_experimental_ynn_fusion_type=dot '
+                          '--xla_cpu_enable_concurrency_optimized_scheduler=false|')
