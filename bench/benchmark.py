@@ -10,11 +10,13 @@ same work on the same inputs: eager NCHW, eager channels_last and torch.compile
 (channels_last), under autocast when --dtype bfloat16. torch is an optional extra
 (`pip install -e '.[test]'` installs it).
 
-Every case runs in a child process of its own, so its compile time is cold and its peak
-memory its own: host peak RSS on CPU (sampled after training, before inference), the
-device's peak on GPU. Times are the median of --steps steps after --warmup untimed ones,
-each synchronised with the device. Results go to <out>/results.json and results.md
-(with a description of the machine); several --batch_sizes also give curve.png.
+Every case runs in a child process of its own, so its compile time is cold and its
+memory its own. "train host MB" is the peak resident memory while building, compiling
+and training minus the resident memory after the imports (Linux: VmHWM reset after the
+imports); "peak host MB" is the absolute peak; on GPU also the device's peak. Times are
+the median of --steps steps after --warmup untimed ones, each synchronised with the
+device. Results go to <out>/results.json and results.md (with a description of the
+machine); several --batch_sizes also print the cost per image and write curve.png.
 """
 from __future__ import annotations
 
@@ -324,6 +326,8 @@ def plot_curve(results: list[dict], path: str) -> None:
                   for r in results if r['name'] == name)
     ax.plot(*zip(*rows), marker='o', label=name)
   ax.set_xscale('log', base=2)
+  batches = sorted({r['batch_size'] for r in results})
+  ax.set_xticks(batches, [str(b) for b in batches])
   ax.set_xlabel('batch size')
   ax.set_ylabel('train ms per image')
   ax.set_ylim(bottom=0)

@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     print(f'eval:  {eval_rate:.0f} images/s ({n_eval} images, one pass from the first '
           f'batch on, centre crop 0.875)')
     cores = os.cpu_count()
-    print(f'on {cores} CPU cores. Compare with the train step: python bench/train_step.py')
+    print(f'on {cores} CPU cores. Compare with the train step: python bench/benchmark.py')
 
 
 if __name__ == '__main__':
