@@ -51,7 +51,7 @@ def input_rate(batch_size: int, image_size: int, dtype: str, num_images: int,
   from gnet_jax import input_pipeline
   # pylint: enable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as root:
-    pipeline_bench.write_folder(root, num_images, batch_size)
+    pipeline_bench.write_folder(root, num_train=num_images, num_eval=10)
     config = default.get_config()
     config.dataset = f'folder:{root}'
     config.batch_size = batch_size

@@ -402,10 +402,7 @@ def run(cases: list[Case], out_dir: str) -> list[dict]:
     except ImportError as e:
       raise SystemExit(f'--compare torchvision needs torch and torchvision ({e}); '
                        "install them with pip install -e '.[test]'.") from e
-  try:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    tqdm = lambda x, **_: x  # noqa: E731
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   results = []
   progress = tqdm(cases, desc='benchmark', unit='case')
   for case in progress:
