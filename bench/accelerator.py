@@ -27,13 +27,12 @@ import benchmark  # bench/benchmark.py
 def matmul_rate(size: int, dtype: str, repeats: int = 10) -> dict:
   """Median FLOP/s of a size^3 matmul (run in a child, like every measurement)."""
   code = f'''
-import json, statistics, time, jax, jax.numpy as jnp
+import json, statistics, sys, jax, jax.numpy as jnp
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from benchmark import time_steps
 x = jnp.ones(({size}, {size}), jnp.{dtype})
 f = jax.jit(lambda a: a @ a)
-f(x).block_until_ready()
-times = []
-for _ in range({repeats}):
-  start = time.perf_counter(); f(x).block_until_ready(); times.append(time.perf_counter() - start)
+times = time_steps(lambda: f(x), jax.block_until_ready, {repeats}, warmup=1)
 print(json.dumps({{"flops_per_s": 2 * {size}**3 / statistics.median(times),
                   "device": jax.devices()[0].device_kind}}))
 '''

@@ -313,6 +313,13 @@ def markdown(results: list[dict], machine: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def per_image_ms(results: list[dict]) -> dict[str, list[tuple[int, float]]]:
+  """{case name: [(batch size, train ms per image), ...] by batch size}."""
+  return {name: sorted((r['batch_size'], r['train_step_ms'] / r['batch_size'])
+                       for r in results if r['name'] == name)
+          for name in dict.fromkeys(r['name'] for r in results)}
+
+
 def plot_curve(results: list[dict], path: str) -> None:
   """Train milliseconds per image against batch size, one line per case."""
   # pylint: disable=import-outside-toplevel
@@ -321,9 +328,7 @@ def plot_curve(results: list[dict], path: str) -> None:
   fig = Figure(figsize=(6, 4))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for name in dict.fromkeys(r['name'] for r in results):
-    rows = sorted((r['batch_size'], r['train_step_ms'] / r['batch_size'])
-                  for r in results if r['name'] == name)
+  for name, rows in per_image_ms(results).items():
     ax.plot(*zip(*rows), marker='o', label=name)
   ax.set_xscale('log', base=2)
   batches = sorted({r['batch_size'] for r in results})
@@ -340,9 +345,7 @@ def plot_curve(results: list[dict], path: str) -> None:
 def cost_curve(results: list[dict]) -> str:
   """Train cost per image at each batch size, relative to the smallest batch's."""
   lines = []
-  for name in dict.fromkeys(r['name'] for r in results):
-    rows = sorted((r['batch_size'], r['train_step_ms'] / r['batch_size'])
-                  for r in results if r['name'] == name)
+  for name, rows in per_image_ms(results).items():
     base = rows[0][1]
     lines.append(f'{name}: train ms per image by batch: ' + ', '.join(
         f'{b}: {ms:.1f} ({ms / base:.2f}x)' for b, ms in rows))
