@@ -14,6 +14,7 @@ Images are NHWC. The model knows nothing of devices or meshes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -119,20 +120,60 @@ def _max_pool_fwd(x, window, stride, padding):
   return y, (x, y)
 
 
+def _pad_hw(x, before, after, value):
+  """Pads H and W of NHWC `x` by `before` on top/left and `after` (h, w) below/right."""
+  return lax.pad(x, jnp.asarray(value, x.dtype), (
+      (0, 0, 0), (before, after[0], 0), (before, after[1], 0), (0, 0, 0)))
+
+
 def _max_pool_bwd(window, stride, padding, residuals, g):
+  """Each input position sums the gradients of the windows whose first maximum it is.
+
+  Gathered this way every term is a slice of three padded arrays, and XLA fuses the
+  whole gradient into the loops that consume it; scattering each window offset's
+  term back with a pad made XLA write every term out (BENCHMARKS.md). At stride s,
+  positions split into s*s phases (row and column mod s), and a phase is reached only
+  from the window offsets congruent to it.
+  """
   x, y = residuals
+  s = stride
+  k = -(-window // s)  # windows that hold one position, per axis
   xp = _pad_neg_inf(x, padding)
+  n, hp, wp, c = xp.shape
   oh, ow = y.shape[1:3]
+  h2, w2 = -(-hp // s), -(-wp // s)  # positions per phase
+  yp = _pad_hw(y, k - 1, (h2 - oh, w2 - ow), 0)
+  gp = _pad_hw(g, k - 1, (h2 - oh, w2 - ow), 0)  # windows off the edge pass nothing
+  xpp = _pad_hw(xp, s * (k - 1), (s * (h2 - 1) + window - hp,
+                                  s * (w2 - 1) + window - wp), -jnp.inf)
+
+  def of_window(a, kr, kt):  # a's value at window (row - kr, col - kt) of each position
+    return lax.slice(a, (0, k - 1 - kr, k - 1 - kt, 0),
+                     (n, k - 1 - kr + h2, k - 1 - kt + w2, c))
+
+  def window_element(kr, kt, i, j):  # element (i, j) of that window
+    r0, c0 = s * (k - 1 - kr) + i, s * (k - 1 - kt) + j
+    return lax.slice(xpp, (0, r0, c0, 0),
+                     (n, r0 + s * (h2 - 1) + 1, c0 + s * (w2 - 1) + 1, c), (1, s, s, 1))
+
   zero = jnp.zeros((), g.dtype)
-  taken = jnp.zeros(y.shape, bool)  # the window's maximum has been found
-  dxp = jnp.zeros(xp.shape, g.dtype)
-  for i, j, view in _window_views(xp, window, stride, (oh, ow)):
-    first = (view == y) & ~taken
-    taken = taken | first
-    # Scatter back: the inverse of a strided view is interior padding.
-    dxp = dxp + lax.pad(jnp.where(first, g, zero), zero, (
-        (0, 0, 0), (i, xp.shape[1] - i - (oh - 1) * stride - 1, stride - 1),
-        (j, xp.shape[2] - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  rows = []
+  for r in range(s):
+    row = []
+    for t in range(s):
+      dx = jnp.zeros((n, h2, w2, c), g.dtype)
+      for kr, i in enumerate(range(r, window, s)):
+        for kt, j in enumerate(range(t, window, s)):
+          ymax = of_window(yp, kr, kt)
+          first = window_element(kr, kt, i, j) == ymax
+          for earlier in itertools.product(range(window), repeat=2):
+            if earlier < (i, j):  # row-major, as XLA and torch pick the first maximum
+              first = first & (window_element(kr, kt, *earlier) != ymax)
+          dx = dx + jnp.where(first, of_window(gp, kr, kt), zero)
+      row.append(dx)
+    rows.append(jnp.stack(row, axis=3))
+  # Interleave the phases: (s*a + r, s*b + t) is phase (r, t)'s position (a, b).
+  dxp = jnp.stack(rows, axis=2).reshape(n, h2 * s, w2 * s, c)
   (top, _), (left, _) = padding
   return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
 
