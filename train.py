@@ -7,7 +7,9 @@ or SLURM cluster, where JAX finds them itself.
 
 Checkpoints go to <workdir>/checkpoints: running the same command again on a workdir that
 has some resumes from the newest good one. SIGTERM (preemption) saves a checkpoint at the
-end of the current step and exits 0.
+end of the current step and exits 0. Compiled steps are kept in JAX's persistent
+compilation cache (--compilation_cache_dir), so a resumed or repeated run skips most of
+the compile.
 """
 import os
 import sys
@@ -25,7 +27,15 @@ flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with no arguments '
                   '(TPU pods, SLURM, ... find the cluster themselves). Automatic when '
                   'TPU_WORKER_HOSTNAMES names several hosts.')
+flags.DEFINE_string(
+    'compilation_cache_dir',
+    os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'gnet_jax', 'jax'),
+    "JAX's persistent compilation cache: a rerun or resume with the same config and JAX "
+    "loads its compiled steps from here instead of compiling them again. '' turns it off.")
 flags.mark_flags_as_required(['config', 'workdir'])
+# The cache's size limit; past it the least recently used entries go (LRU, file-locked).
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
 
 
 def main(argv):
@@ -35,6 +45,9 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from gnet_jax import cpu_tuning, train_lib  # pylint: disable=import-outside-toplevel
   cpu_tuning.use_fast_cpu_kernels()
+  if FLAGS.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
+    jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
   coordinator = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   # A multi-host TPU slice lists its hosts here; JAX then finds the cluster itself.
   tpu_hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get('TPU_WORKER_HOSTNAMES')

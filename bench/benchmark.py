@@ -10,8 +10,8 @@ same work on the same inputs: eager NCHW, eager channels_last and torch.compile
 (channels_last), under autocast when --dtype bfloat16. torch is an optional extra
 (`pip install -e '.[test]'` installs it).
 
-Every case runs in a child process of its own, so its compile time is cold and its
-memory its own. "train host MB" is the peak resident memory while building, compiling
+Every case runs in a child process of its own, so its compile time is cold (JAX's
+persistent cache is off unless --compilation_cache_dir names one) and its memory its own. "train host MB" is the peak resident memory while building, compiling
 and training minus the resident memory after the imports (Linux: VmHWM reset after the
 imports); "peak host MB" is the absolute peak; on GPU also the device's peak. Times are
 the median of --steps steps after --warmup untimed ones, each synchronised with the
@@ -52,6 +52,7 @@ class Case:
   warmup: int
   fast_cpu_flags: bool = True
   torch_compile_backend: str = 'inductor'
+  compilation_cache_dir: str = ''  # JAX's persistent cache; '' compiles cold
 
   @property
   def name(self) -> str:
@@ -110,6 +111,8 @@ def run_jax(case: Case) -> dict:
   if case.fast_cpu_flags:
     cpu_tuning.use_fast_cpu_kernels()
   import jax
+  if case.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', case.compilation_cache_dir)
   from configs import default
   from gnet_jax import train_lib
   from gnet_jax.model import apply_fn
@@ -226,10 +229,12 @@ def run_case(case: Case) -> dict:
   """Runs one case in a fresh child process; returns its figures."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'result.json')
+    env = dict(os.environ)
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)  # cold unless --compilation_cache_dir
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), '--_worker',
          json.dumps(dataclasses.asdict(case)), '--out', out],
-        capture_output=True, text=True, check=False)
+        capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
       raise RuntimeError(f'{case.name} at batch {case.batch_size} failed:\n'
                          f'{proc.stderr[-3000:]}')
@@ -306,10 +311,13 @@ def markdown(results: list[dict], machine: dict) -> str:
   versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items())
   devices = sorted({r['device'] for r in results})
   flags = sorted({r['xla_flags'] for r in results if 'xla_flags' in r})
+  caches = ', '.join(sorted({r['compilation_cache_dir'] for r in results
+                             if r['framework'] == 'jax' and r.get('compilation_cache_dir')}))
   lines += ['', f"Machine: {machine['cpu']}, {machine['cores']} cores, "
                 f"{_fmt(machine['memory_gb'], '.0f')} GiB; {machine['os']}; "
                 f"Python {machine['python']}; {versions}; devices: {', '.join(devices)}; "
-                f"XLA_FLAGS of the JAX runs: {' / '.join(repr(f) for f in flags)}."]
+                f"XLA_FLAGS of the JAX runs: {' / '.join(repr(f) for f in flags)}; "
+                f"JAX compilation cache: {caches or 'none (cold compiles)'}."]
   return '\n'.join(lines) + '\n'
 
 
@@ -370,6 +378,10 @@ def parse_args(argv=None):
                       help="torch.compile's backend ('aot_eager' skips code generation)")
   parser.add_argument('--no_fast_cpu_flags', action='store_true',
                       help="JAX with XLA's default CPU settings (gnet_jax/cpu_tuning.py)")
+  parser.add_argument('--compilation_cache_dir', default='',
+                      help="JAX's persistent compilation cache for the JAX cases: the "
+                      'second run with the same directory shows the warm compile time '
+                      "(train.py's default); without it every compile is cold")
   parser.add_argument('--out', default='bench/results',
                       help='directory for results.json, results.md (and curve.png)')
   parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
@@ -387,7 +399,8 @@ def cases_of(args) -> list[Case]:
   common = dict(variant=args.variant, image_size=args.image_size, dtype=args.dtype,
                 steps=args.steps, warmup=args.warmup,
                 fast_cpu_flags=not args.no_fast_cpu_flags,
-                torch_compile_backend=args.torch_compile_backend)
+                torch_compile_backend=args.torch_compile_backend,
+                compilation_cache_dir=args.compilation_cache_dir)
   cases = []
   for batch_size in args.batch_sizes:
     cases.append(Case('jax', 'jit', batch_size=batch_size, **common))

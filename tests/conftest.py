@@ -12,6 +12,22 @@ cpu_tuning.use_fast_cpu_kernels()
 _DATA_DIR_ENV = 'GNET_TEST_DATA_DIR'
 
 
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One JAX persistent compilation cache for the session's subprocesses (train.py,
+  notebooks...), shared by the xdist workers: only the first run of a program compiles
+  it, and a cached executable computes bit for bit the same."""
+  base = tmp_path_factory.getbasetemp()
+  if base.name.startswith('popen-gw'):
+    base = base.parent
+  cache = base / 'jax_compilation_cache'
+  cache.mkdir(exist_ok=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return str(cache)
+
+
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A tfds data directory with the built-in digits dataset prepared in it."""

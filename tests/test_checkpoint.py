@@ -45,27 +45,9 @@ def overrides(data_dir, workdir, steps=STEPS, every=3, log_every=2, eval_every=0
           f'--config.checkpoint_every_steps={every}']
 
 
-# train.py runs of one test session share JAX's persistent compilation cache: only the
-# first run of a program compiles it (a cached executable computes bit for bit the same).
-COMPILATION_CACHE = None
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  global COMPILATION_CACHE  # pylint: disable=global-statement
-  base = tmp_path_factory.getbasetemp()
-  if base.name.startswith('popen-gw'):  # pytest-xdist: one cache for all workers
-    base = base.parent
-  COMPILATION_CACHE = str(base / 'jax_compilation_cache')
-  os.makedirs(COMPILATION_CACHE, exist_ok=True)
-
-
 def env_for(devices):
   return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-          'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu',
-          'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE,
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+          'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'}
 
 
 def start(args, devices=1, **kwargs):
