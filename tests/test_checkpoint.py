@@ -174,6 +174,9 @@ def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, referenc
 
   out = finish(start(args))
   assert f'Resumed from checkpoint {ckpt_dir}/3' in out
+  # The killed runs compiled this very program into the session's compilation cache.
+  assert 'Compiled the train step in' in out
+  assert '(from the persistent compilation cache)' in out
   assert records(workdir) == records(reference)  # every line, step by step, no repeats
   assert finalized(workdir) == [3, 6, 8]
   assert_same_variables(checkpoint.load_variables(workdir), checkpoint.load_variables(reference))

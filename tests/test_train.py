@@ -106,16 +106,6 @@ def test_one_and_eight_devices_give_the_same_losses(digits_data_dir, tmp_path):
                              rtol=2e-4)
 
 
-def test_a_rerun_loads_the_train_step_from_the_compilation_cache(digits_data_dir, tmp_path):
-  cache = f'--compilation_cache_dir={tmp_path / "cache"}'
-  first, second = (run_train(tiny_overrides(digits_data_dir, tmp_path / name, steps=1) + [cache])
-                   for name in ('first', 'second'))
-  assert 'Compiled the train step in' in first.stdout
-  assert 'from the persistent compilation cache' not in first.stdout
-  assert 'from the persistent compilation cache' in second.stdout
-  assert os.listdir(tmp_path / 'cache')
-
-
 def free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
