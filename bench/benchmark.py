@@ -15,8 +15,9 @@ persistent cache is off unless --compilation_cache_dir names one) and its memory
 own. "train host MB" is the peak resident memory while building, compiling and training
 minus the resident memory after the imports (Linux: VmHWM reset after the imports);
 "peak host MB" is the absolute peak; on GPU also the device's peak. Times are the median
-of --steps steps after --warmup untimed ones, each synchronised with the device. Results go to <out>/results.json and results.md (with a description of the
-machine); several --batch_sizes also print the cost per image and write curve.png.
+of --steps steps after --warmup untimed ones, each synchronised with the device.
+Results go to <out>/results.json and results.md (with a description of the machine);
+several --batch_sizes also print the cost per image and write curve.png.
 """
 from __future__ import annotations
 
