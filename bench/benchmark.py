@@ -52,6 +52,7 @@ class Case:
   steps: int
   warmup: int
   fast_cpu_flags: bool = True
+  cpu_convolutions: str = 'auto'  # config.model.cpu_convolutions of the JAX case
   torch_compile_backend: str = 'inductor'
   compilation_cache_dir: str = ''  # JAX's persistent cache; '' compiles cold
 
@@ -115,7 +116,7 @@ def run_jax(case: Case) -> dict:
   if case.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', case.compilation_cache_dir)
   from configs import default
-  from gnet_jax import train_lib
+  from gnet_jax import onednn, train_lib
   from gnet_jax.model import apply_fn
   # pylint: enable=import-outside-toplevel
 
@@ -125,6 +126,7 @@ def run_jax(case: Case) -> dict:
   config.num_train_steps = 10_000
   config.model.variant = case.variant
   config.model.dtype = case.dtype
+  config.model.cpu_convolutions = case.cpu_convolutions
   model = train_lib.create_model(config, NUM_CLASSES)
   lr_fn = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
   tx = train_lib.create_optimizer(config, lr_fn)
@@ -152,7 +154,8 @@ def run_jax(case: Case) -> dict:
             'peak_host_mb': host_peak_mb()}
 
   kwargs = train_lib.model_kwargs(config, NUM_CLASSES)
-  infer_fn = jax.jit(lambda v, x: apply_fn(v, x, **kwargs, dtype=model.dtype))
+  infer_fn = jax.jit(lambda v, x: apply_fn(v, x, **kwargs, dtype=model.dtype,
+                                           onednn=model.onednn))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   start = time.perf_counter()
   infer = infer_fn.lower(variables, batch['image']).compile()
@@ -165,6 +168,7 @@ def run_jax(case: Case) -> dict:
     result['peak_device_mb'] = stats.get('peak_bytes_in_use', 0) / 2**20
   result['device'] = f'{device.device_kind} x{jax.device_count()}'
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  result['convolutions'] = 'oneDNN' if model.onednn and onednn.available() else 'XLA'
   return result
 
 
@@ -312,12 +316,14 @@ def markdown(results: list[dict], machine: dict) -> str:
   versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items())
   devices = sorted({r['device'] for r in results})
   flags = sorted({r['xla_flags'] for r in results if 'xla_flags' in r})
+  convolutions = sorted({r['convolutions'] for r in results if 'convolutions' in r})
   caches = ', '.join(sorted({r['compilation_cache_dir'] for r in results
                              if r['framework'] == 'jax' and r.get('compilation_cache_dir')}))
   lines += ['', f"Machine: {machine['cpu']}, {machine['cores']} cores, "
                 f"{_fmt(machine['memory_gb'], '.0f')} GiB; {machine['os']}; "
                 f"Python {machine['python']}; {versions}; devices: {', '.join(devices)}; "
                 f"XLA_FLAGS of the JAX runs: {' / '.join(repr(f) for f in flags)}; "
+                f"their convolutions: {' / '.join(convolutions)}; "
                 f"JAX compilation cache: {caches or 'none (cold compiles)'}."]
   return '\n'.join(lines) + '\n'
 
@@ -379,6 +385,9 @@ def parse_args(argv=None):
                       help="torch.compile's backend ('aot_eager' skips code generation)")
   parser.add_argument('--no_fast_cpu_flags', action='store_true',
                       help="JAX with XLA's default CPU settings (gnet_jax/cpu_tuning.py)")
+  parser.add_argument('--cpu_convolutions', default='auto', choices=['auto', 'onednn', 'xla'],
+                      help="the JAX case's config.model.cpu_convolutions ('auto': oneDNN "
+                      'on one CPU device, gnet_jax/onednn.py)')
   parser.add_argument('--compilation_cache_dir', default='',
                       help="JAX's persistent compilation cache for the JAX cases: the "
                       'second run with the same directory shows the warm compile time '
@@ -400,6 +409,7 @@ def cases_of(args) -> list[Case]:
   common = dict(variant=args.variant, image_size=args.image_size, dtype=args.dtype,
                 steps=args.steps, warmup=args.warmup,
                 fast_cpu_flags=not args.no_fast_cpu_flags,
+                cpu_convolutions=args.cpu_convolutions,
                 torch_compile_backend=args.torch_compile_backend,
                 compilation_cache_dir=args.compilation_cache_dir)
   cases = []

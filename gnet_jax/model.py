@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from gnet_jax.onednn import conv_general_dilated as onednn_conv
+
 VARIANTS = ('paper', 'torchvision')
 
 # Table 1: (ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj) of each block.
@@ -67,6 +69,7 @@ class BasicConv(nn.Module):
   use_bn: bool = True
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  onednn: bool = False  # see GoogLeNet
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -74,7 +77,8 @@ class BasicConv(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                 strides=self.strides, padding=((pad, pad), (pad, pad)),
                 use_bias=not self.use_bn, kernel_init=conv_init,
-                dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
+                dtype=self.dtype, param_dtype=jnp.float32, name='conv',
+                conv_general_dilated=onednn_conv if self.onednn else lax.conv_general_dilated)(x)
     if self.use_bn:
       # Flax momentum 0.9 is torch's momentum 0.1.
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
@@ -241,12 +245,14 @@ class Inception(nn.Module):
   use_bn: bool = True
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     def conv(name, features, kernel_size):
       return BasicConv(features, kernel_size, use_bn=self.use_bn,
-                       bn_epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
+                       bn_epsilon=self.bn_epsilon, dtype=self.dtype, onednn=self.onednn,
+                       name=name)
 
     path1 = conv('ch1x1', self.ch1x1, 1)(x, train)
     path2 = conv('ch3x3_reduce', self.ch3x3_reduce, 1)(x, train)
@@ -286,6 +292,7 @@ class AuxHead(nn.Module):
   use_bn: bool = True
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -294,7 +301,7 @@ class AuxHead(nn.Module):
     pw = _window_average_matrix(w, aux_pool_windows(w, self.paper))
     x = jnp.einsum('ih,jw,nhwc->nijc', ph.astype(x.dtype), pw.astype(x.dtype), x)
     x = BasicConv(128, 1, use_bn=self.use_bn, bn_epsilon=self.bn_epsilon,
-                  dtype=self.dtype, name='conv')(x, train)
+                  dtype=self.dtype, onednn=self.onednn, name='conv')(x, train)
     x = x.reshape(x.shape[0], -1)  # HWC order; the converter reorders torch's CHW
     x = nn.relu(nn.Dense(1024, kernel_init=dense_init, dtype=self.dtype,
                          param_dtype=jnp.float32, name='fc1')(x))
@@ -316,6 +323,9 @@ class GoogLeNet(nn.Module):
     transform_input: torchvision's input transform (its pretrained weights need it).
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32 and the
       logits are returned as float32.
+    onednn: float32 convolutions on CPU through oneDNN (`gnet_jax.onednn`): the same
+      function, faster (train step ~1.2x). Elsewhere, or where oneDNN cannot be built,
+      XLA's. For programs on one device only: XLA cannot split the calls over devices.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a
   `GoogLeNetOutputs(logits, aux_4a, aux_4d)`.
@@ -328,6 +338,7 @@ class GoogLeNet(nn.Module):
   use_bn: bool = True
   transform_input: bool = False
   dtype: Any = jnp.float32
+  onednn: bool = False
 
   def _check_input(self, x):
     if self.variant not in VARIANTS:
@@ -350,7 +361,7 @@ class GoogLeNet(nn.Module):
     self._check_input(x)
     tv = self.variant == 'torchvision'
     dropout_rate = self.dropout_rate if self.dropout_rate is not None else (0.2 if tv else 0.4)
-    common = dict(use_bn=self.use_bn, bn_epsilon=1e-3, dtype=self.dtype)
+    common = dict(use_bn=self.use_bn, bn_epsilon=1e-3, dtype=self.dtype, onednn=self.onednn)
 
     def conv(name, features, kernel_size, strides=1):
       return BasicConv(features, kernel_size, strides, name=name, **common)

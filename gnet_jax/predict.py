@@ -41,7 +41,10 @@ class Predictor:
 
   @functools.cached_property
   def _probabilities(self):
-    return jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x, **self.model_kwargs)))
+    # One device: oneDNN's convolutions on CPU (gnet_jax/onednn.py).
+    onednn = jax.default_backend() == 'cpu'
+    return jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x, **self.model_kwargs,
+                                                        onednn=onednn)))
 
   def top_k(self, images: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
     """(name, probability) of the k most likely classes of each preprocessed image."""

@@ -62,9 +62,31 @@ def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict:
               use_bn=m.use_bn, transform_input=m.transform_input)
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> GoogLeNet:
+CPU_CONVOLUTIONS = ('auto', 'onednn', 'xla')
+
+
+def use_onednn(config: ml_collections.ConfigDict, num_devices: int) -> bool:
+  """Whether the model's convolutions go to oneDNN (config.model.cpu_convolutions).
+
+  'auto' picks oneDNN when the step runs on a single CPU device: XLA cannot split its
+  calls over several (gnet_jax/onednn.py). The choice changes speed, not the function.
+  """
+  choice = config.model.cpu_convolutions
+  if choice not in CPU_CONVOLUTIONS:
+    raise ValueError(f'config.model.cpu_convolutions must be one of {CPU_CONVOLUTIONS}, '
+                     f'got {choice!r}.')
+  if choice == 'auto':
+    return num_devices == 1 and jax.default_backend() == 'cpu'
+  return choice == 'onednn'
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 num_devices: int | None = None) -> GoogLeNet:
+  """The model the config describes, for a step on `num_devices` (default: all)."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
   return GoogLeNet(**model_kwargs(config, num_classes), dropout_rate=config.model.dropout_rate,
-                   dtype=jnp.dtype(config.model.dtype))
+                   dtype=jnp.dtype(config.model.dtype),
+                   onednn=use_onednn(config, num_devices))
 
 
 # Options whose difference makes other weights unusable; num_classes and aux_logits only
