@@ -35,6 +35,7 @@ from gnet_jax import checkpoint as checkpoint_lib
 from gnet_jax import cpu_tuning
 from gnet_jax import input_pipeline
 from gnet_jax import metrics as metrics_lib
+from gnet_jax import onednn
 from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
 
 AUX_LOSS_WEIGHT = 0.3  # the paper's weight for each auxiliary head's loss
@@ -430,7 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
              f'{info.num_classes} classes; {num_steps} steps of global batch '
              f'{config.batch_size} on {jax.device_count()} device(s) in '
-             f'{jax.process_count()} process(es).')
+             f'{jax.process_count()} process(es); convolutions on '
+             f"{'oneDNN' if model.onednn and onednn.available() else 'XLA'}.")
 
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint_max_to_keep,
