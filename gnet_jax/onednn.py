@@ -19,6 +19,7 @@ step runs on a single CPU device.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -76,6 +77,7 @@ def _build() -> pathlib.Path:
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
+  logging.info('gnet_jax: compiling the oneDNN convolutions into %s (once)', target)
   # Compiled under a temporary name and renamed: a reader never sees half a library.
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = pathlib.Path(tmp) / target.name
@@ -95,7 +97,6 @@ def available() -> bool:
   """Whether the oneDNN convolutions are built and registered (once per process)."""
   if os.environ.get('GNET_JAX_ONEDNN', '1') == '0':
     return False
-  import ctypes  # pylint: disable=import-outside-toplevel
   try:
     path = _build()
     # DEEPBIND: oneDNN's symbols from its own library, not from a copy another library
