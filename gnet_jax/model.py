@@ -324,7 +324,7 @@ class GoogLeNet(nn.Module):
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32 and the
       logits are returned as float32.
     onednn: float32 convolutions on CPU through oneDNN (`gnet_jax.onednn`): the same
-      function, faster (train step 1.17x). Elsewhere, or where oneDNN cannot be built,
+      function, faster (train step 1.18x). Elsewhere, or where oneDNN cannot be built,
       XLA's. For programs on one device only: XLA cannot split the calls over devices.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a

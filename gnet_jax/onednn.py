@@ -2,7 +2,7 @@
 
 XLA CPU computes convolutions with Eigen, whose kernel gradients run at a fraction of
 oneDNN's (the library PyTorch uses) on GoogLeNet's shapes: with these the CPU train step
-is 1.17x faster and inference 1.11x (BENCHMARKS.md, change 8). `conv_general_dilated`
+is 1.18x faster and inference 1.14x (BENCHMARKS.md, change 8). `conv_general_dilated`
 is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`):
 on CPU it calls `onednn_conv.cc`, elsewhere (GPU, TPU) and for what that file does not
 cover (other dtypes, dilation, groups, other layouts) it is `lax.conv_general_dilated`.
