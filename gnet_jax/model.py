@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from gnet_jax.onednn import conv_general_dilated as onednn_conv
+from gnet_jax import onednn
 
 VARIANTS = ('paper', 'torchvision')
 
@@ -74,17 +74,35 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     pad = (self.kernel_size - 1) // 2  # keeps H and W at stride 1
+    padding = ((pad, pad), (pad, pad))
+    if (self.onednn and not train and not self.is_initializing()
+        and x.dtype == self.dtype == jnp.float32):
+      # In inference the BatchNorm is a fixed affine map: folded into the kernel and a
+      # bias, the three layers are one oneDNN call that writes its output once.
+      kernel, bias = self._folded()
+      return onednn.conv_bias_relu(x, kernel, bias, (self.strides, self.strides), padding)
     x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                strides=self.strides, padding=((pad, pad), (pad, pad)),
+                strides=self.strides, padding=padding,
                 use_bias=not self.use_bn, kernel_init=conv_init,
                 dtype=self.dtype, param_dtype=jnp.float32, name='conv',
-                conv_general_dilated=onednn_conv if self.onednn else lax.conv_general_dilated)(x)
+                conv_general_dilated=(onednn.conv_general_dilated if self.onednn
+                                      else lax.conv_general_dilated))(x)
     if self.use_bn:
       # Flax momentum 0.9 is torch's momentum 0.1.
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        epsilon=self.bn_epsilon, dtype=self.dtype,
                        param_dtype=jnp.float32, name='bn')(x)
     return nn.relu(x)
+
+  def _folded(self):
+    """The kernel and bias of conv -> BatchNorm with its running statistics, the way
+    flax's BatchNorm computes it: (x - mean) * rsqrt(var + eps) * scale + bias."""
+    conv = self.variables['params']['conv']
+    if not self.use_bn:
+      return conv['kernel'], conv['bias']
+    bn, stats = self.variables['params']['bn'], self.variables['batch_stats']['bn']
+    mul = lax.rsqrt(stats['var'] + self.bn_epsilon) * bn['scale']
+    return conv['kernel'] * mul, bn['bias'] - stats['mean'] * mul
 
 
 def _window_views(xp, window: int, stride: int, out_hw):
@@ -213,12 +231,16 @@ class MaxPool(nn.Module):
   window: int = 3
   stride: int = 2
   ceil_mode: bool = False  # torchvision; otherwise padded by (window - 1) // 2
+  onednn: bool = False  # see GoogLeNet
 
   def __call__(self, x):
     if self.ceil_mode:
-      return max_pool_ceil(x, self.window, self.stride)
-    pad = (self.window - 1) // 2
-    return max_pool(x, self.window, self.stride, ((pad, pad), (pad, pad)))
+      padding = ceil_mode_padding(x, self.window, self.stride)
+    else:
+      pad = (self.window - 1) // 2
+      padding = ((pad, pad), (pad, pad))
+    pool = functools.partial(onednn.max_pool, fallback=max_pool) if self.onednn else max_pool
+    return pool(x, self.window, self.stride, padding)
 
 
 class GlobalAvgPool(nn.Module):
@@ -259,7 +281,7 @@ class Inception(nn.Module):
     path2 = conv('ch3x3', self.ch3x3, 3)(path2, train)
     path3 = conv('ch5x5_reduce', self.ch5x5_reduce, 1)(x, train)
     path3 = conv('ch5x5', self.ch5x5, self.ch5x5_kernel)(path3, train)
-    path4 = MaxPool(3, 1, name='pool')(x)
+    path4 = MaxPool(3, 1, onednn=self.onednn, name='pool')(x)
     path4 = conv('pool_proj', self.pool_proj, 1)(path4, train)
     return jnp.concatenate([path1, path2, path3, path4], axis=-1)
 
@@ -367,7 +389,7 @@ class GoogLeNet(nn.Module):
       return BasicConv(features, kernel_size, strides, name=name, **common)
 
     def pool(name, window=3):
-      return MaxPool(window, 2, ceil_mode=tv, name=name)
+      return MaxPool(window, 2, ceil_mode=tv, onednn=self.onednn, name=name)
 
     def inception(name):
       return Inception(*INCEPTION_WIDTHS[name], ch5x5_kernel=3 if tv else 5, name=name,

@@ -36,8 +36,10 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
-_TARGETS = ('GnetConvForward', 'GnetConvBackwardData', 'GnetConvBackwardWeights')
+SOURCE = pathlib.Path(__file__).with_name('onednn_kernels.cc')
+_TARGETS = ('GnetConvForward', 'GnetConvBiasReluForward', 'GnetConvBackwardData',
+            'GnetConvBackwardWeights', 'GnetMaxPool', 'GnetMaxPoolTraining',
+            'GnetMaxPoolBackward')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -111,17 +113,20 @@ def available() -> bool:
   return True
 
 
-def _call(target: str, result, a, b, strides, padding):
+def _call(target: str, result, operands, strides, padding):
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(result.shape, result.dtype))(
-      a, b, strides=np.asarray(strides, np.int64),
+      *operands, strides=np.asarray(strides, np.int64),
       padding=np.asarray([p for pair in padding for p in pair], np.int64))
+
+
+def _xla_conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, strides, padding):
-  out = jax.eval_shape(functools.partial(lax.conv_general_dilated, window_strides=strides,
-                                         padding=padding, dimension_numbers=_NHWC), x, w)
-  return _call('GnetConvForward', out, x, w, strides, padding)
+  out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, padding=padding), x, w)
+  return _call('GnetConvForward', out, (x, w), strides, padding)
 
 
 def _conv_fwd(x, w, strides, padding):
@@ -130,11 +135,37 @@ def _conv_fwd(x, w, strides, padding):
 
 def _conv_bwd(strides, padding, residuals, dy):
   x, w = residuals
-  return (_call('GnetConvBackwardData', x, dy, w, strides, padding),
-          _call('GnetConvBackwardWeights', w, x, dy, strides, padding))
+  return (_call('GnetConvBackwardData', x, (dy, w), strides, padding),
+          _call('GnetConvBackwardWeights', w, (x, dy), strides, padding))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_bias_relu(x, w, b, strides, padding):
+  out = jax.eval_shape(functools.partial(_xla_conv, strides=strides, padding=padding), x, w)
+  return _call('GnetConvBiasReluForward', out, (x, w, b), strides, padding)
+
+
+def _conv_bias_relu_fwd(x, w, b, strides, padding):
+  y = _conv_bias_relu(x, w, b, strides, padding)
+  return y, (x, w, y)
+
+
+def _conv_bias_relu_bwd(strides, padding, residuals, dy):
+  x, w, y = residuals
+  dy = jnp.where(y > 0, dy, 0)  # through the ReLU
+  return (*_conv_bwd(strides, padding, (x, w), dy), dy.sum((0, 1, 2)))
+
+
+_conv_bias_relu.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
+
+
+def _on_onednn(x, w, padding) -> bool:
+  """Whether onednn_kernels.cc covers this convolution (NHWC x HWIO assumed)."""
+  return (x.ndim == 4 and x.dtype == w.dtype == jnp.float32 and not isinstance(padding, str)
+          and min(p for pair in padding for p in pair) >= 0 and available())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -149,15 +180,83 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       preferred_element_type=preferred_element_type)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   supported = (
-      lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
-      and preferred_element_type in (None, jnp.float32)
+      lhs.ndim == 4 and preferred_element_type in (None, jnp.float32)
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-      and not isinstance(padding, str) and min(p for pair in padding for p in pair) >= 0
       and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
       and feature_group_count == batch_group_count == 1)
-  if not (supported and available()):
+  if not (supported and _on_onednn(lhs, rhs, padding)):
     return xla(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: _conv(x, w, strides, pads),
                                 default=xla)
+
+
+def conv_bias_relu(x, w, b, strides, padding):
+  """relu(conv(x, w) + b) of NHWC `x` and HWIO `w`, `b` one per output channel; on CPU
+  one oneDNN call (bias and ReLU applied as the convolution writes its output).
+
+  With a BatchNorm's fixed statistics folded into `w` and `b`, this is an inference-mode
+  conv -> BatchNorm -> ReLU in one pass. `padding` is ((top, bottom), (left, right)).
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+
+  def xla(x, w, b):
+    return jax.nn.relu(_xla_conv(x, w, strides, padding) + b)
+
+  if not (_on_onednn(x, w, padding) and b.dtype == jnp.float32):
+    return xla(x, w, b)
+  return lax.platform_dependent(
+      x, w, b, cpu=lambda x, w, b: _conv_bias_relu(x, w, b, strides, padding), default=xla)
+
+
+def _pool_call(target: str, results, operands, window: int, stride: int, padding):
+  return jax.ffi.ffi_call(target, results)(
+      *operands, window=np.asarray([window, window], np.int64),
+      strides=np.asarray([stride, stride], np.int64),
+      padding=np.asarray([p for pair in padding for p in pair], np.int64))
+
+
+def _pool_output(x_shape, window, stride, padding):
+  n, h, w, c = x_shape
+  (top, bottom), (left, right) = padding
+  return jax.ShapeDtypeStruct((n, (h + top + bottom - window) // stride + 1,
+                               (w + left + right - window) // stride + 1, c), jnp.float32)
+
+
+# x_hw, x's height and width, is an argument of its own: the gradient needs only x's shape.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, stride, padding, x_hw):
+  del x_hw
+  return _pool_call('GnetMaxPool', _pool_output(x.shape, window, stride, padding), (x,),
+                    window, stride, padding)
+
+
+def _max_pool_fwd(x, window, stride, padding, x_hw):
+  del x_hw
+  y = _pool_output(x.shape, window, stride, padding)
+  workspace = jax.ShapeDtypeStruct(y.shape, jnp.uint8)  # where each window's maximum is
+  return _pool_call('GnetMaxPoolTraining', (y, workspace), (x,), window, stride, padding)
+
+
+def _max_pool_bwd(window, stride, padding, x_hw, workspace, dy):
+  dx = jax.ShapeDtypeStruct((dy.shape[0], *x_hw, dy.shape[3]), jnp.float32)
+  return (_pool_call('GnetMaxPoolBackward', dx, (dy, workspace), window, stride, padding),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window: int, stride: int, padding, *, fallback):
+  """Max pool of float32 NHWC `x` on oneDNN on CPU, `fallback(x, window, stride, padding)`
+  elsewhere; `padding` ((top, bottom), (left, right)) never wins a window, as if -inf.
+
+  The gradient goes to each window's first maximum in row-major order, as in XLA and torch.
+  """
+  if not (x.ndim == 4 and x.dtype == jnp.float32 and available()):
+    return fallback(x, window, stride, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return lax.platform_dependent(
+      x, cpu=lambda x: _max_pool(x, window, stride, padding, x.shape[1:3]),
+      default=lambda x: fallback(x, window, stride, padding))

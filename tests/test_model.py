@@ -9,6 +9,7 @@ import pytest
 
 from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn
 from gnet_jax import model as model_lib
+from gnet_jax import onednn
 from gnet_jax import summary
 
 
@@ -131,11 +132,18 @@ def torch_ceil_max_pool(x, window, stride):
   return y
 
 
+# The model's max pool (XLA) and oneDNN's (on CPU when the model has onednn=True).
+MAX_POOLS = {'xla': model_lib.max_pool,
+             'onednn': functools.partial(onednn.max_pool, fallback=model_lib.max_pool)}
+
+
+@pytest.mark.parametrize('pool', MAX_POOLS)
 @pytest.mark.parametrize('size, window', [(112, 3), (56, 3), (28, 3), (14, 2), (15, 3),
                                           (8, 2), (7, 3)])
-def test_ceil_mode_pool(size, window):
+def test_ceil_mode_pool(size, window, pool):
   x = np.random.default_rng(0).normal(size=(2, size, size + 1, 3)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(model_lib.max_pool_ceil(x, window, 2)),
+  padding = model_lib.ceil_mode_padding(x, window, 2)
+  np.testing.assert_array_equal(np.asarray(MAX_POOLS[pool](x, window, 2, padding)),
                                 torch_ceil_max_pool(x, window, 2))
 
 
@@ -150,17 +158,22 @@ def first_max_pool_grad(xp, g, window, stride):
   return dxp
 
 
+@pytest.mark.parametrize('pool', MAX_POOLS)
 @pytest.mark.parametrize('window, stride, padding', [
     (3, 2, ((1, 1), (1, 1))),  # paper's stride-2 pools
     (3, 2, ((0, 1), (0, 0))),  # a ceil-mode pool
     (2, 2, ((0, 0), (0, 0))),  # torchvision's pool4
     (3, 1, ((1, 1), (1, 1))),  # the Inception block's pool path
 ])
-def test_max_pool_gradient(window, stride, padding):
+def test_max_pool_gradient(window, stride, padding, pool):
   # ReLU-like values rounded to quarters: many ties, as after a real ReLU.
   rng = np.random.default_rng(0)
   x = np.round(np.maximum(rng.normal(size=(2, 9, 8, 3)), 0) * 4).astype(np.float32) / 4
-  y, vjp = jax.vjp(lambda x: model_lib.max_pool(x, window, stride, padding), x)
+  pool_fn = lambda x: MAX_POOLS[pool](x, window, stride, padding)
+  if pool == 'onednn':  # the forward keeps the maxima's positions for the gradient
+    text = jax.jit(jax.grad(lambda x: pool_fn(x).sum())).lower(x).as_text()
+    assert 'GnetMaxPoolTraining' in text and 'GnetMaxPoolBackward' in text
+  y, vjp = jax.vjp(pool_fn, x)
   expected_y, expected_vjp = jax.vjp(
       lambda x: nn.max_pool(x, (window, window), (stride, stride), padding), x)
   np.testing.assert_array_equal(y, expected_y)

@@ -1,5 +1,6 @@
-"""The oneDNN CPU convolutions (gnet_jax/onednn.py): same function as XLA's, and the
-fallbacks."""
+"""The oneDNN CPU kernels (gnet_jax/onednn.py): convolutions, the fused inference
+convolution and max pools compute the same function as XLA's; the fallbacks."""
+import functools
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_calls_onednn_for_float32_nhwc_and_xla_otherwise():
   pad = ((1, 1), (1, 1))
   conv = onednn.conv_general_dilated
   assert _custom_calls(lambda x, w: conv(x, w, (1, 1), pad, dimension_numbers=NHWC), x, w) == 1
-  cases = {  # what onednn_conv.cc does not cover: each stays XLA's, with XLA's result
+  cases = {  # what onednn_kernels.cc does not cover: each stays XLA's, with XLA's result
       'bfloat16': lambda c, x, w: c(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1),
                                     pad, dimension_numbers=NHWC),
       'dilation': lambda c, x, w: c(x, w, (1, 1), pad, rhs_dilation=(2, 2),
@@ -77,27 +78,77 @@ def test_calls_onednn_for_float32_nhwc_and_xla_otherwise():
                                                                        x, w))(x, w), name)
 
 
-def test_model_same_function_with_and_without_onednn():
-  """Every convolution of the network goes to oneDNN, with XLA's logits and parameter
+@pytest.mark.parametrize('stride,padding', [(1, ((1, 1), (1, 1))), (2, ((3, 2), (3, 3)))])
+def test_conv_bias_relu_matches_xla(stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 10, 10, 6)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 6, 8)) / 4, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(8), jnp.float32)
+
+  def value_and_grads(fn):
+    def loss(x, w, b):
+      y = fn(x, w, b)
+      return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, b)
+
+  def xla(x, w, b):
+    return jax.nn.relu(lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                dimension_numbers=NHWC) + b)
+
+  def ours(x, w, b):
+    return onednn.conv_bias_relu(x, w, b, (stride, stride), padding)
+
+  assert jax.jit(ours).lower(x, w, b).as_text().count('GnetConvBiasReluForward') == 1
+  for e, g in zip(jax.tree.leaves(value_and_grads(xla)), jax.tree.leaves(value_and_grads(ours))):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+  # bfloat16 stays on XLA.
+  bf16 = [a.astype(jnp.bfloat16) for a in (x, w, b)]
+  assert 'Gnet' not in jax.jit(ours).lower(*bf16).as_text()
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_model_same_function_with_and_without_onednn(train):
+  """Every convolution and max pool of the network goes to oneDNN (in inference each
+  conv -> BatchNorm -> ReLU is one fused call), with XLA's outputs and parameter
   gradients. The gradients are compared as whole arrays (relative Frobenius norm): a
   rounding difference of 1e-7 that flips a near-tie inside a max pool's window sends
   that window's gradient elsewhere, which moves single entries by more."""
-  kwargs = dict(num_classes=10, variant='torchvision')
+  kwargs = dict(num_classes=10, variant='torchvision', dropout_rate=0.0, aux_dropout_rate=0.0)
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   variables = model_lib.init_fn(jax.random.key(1), images, **kwargs)
+  # Running statistics away from their initial 0 and 1, so that folding them matters.
+  stats = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(3), a.shape),
+                       variables['batch_stats'])
+  variables = {**variables, 'batch_stats': stats}
   weights = jax.random.normal(jax.random.key(2), (2, 10))
+  # 57 convolutions and 13 max pools; in training also the two aux heads' convolutions.
+  # Differentiated, a max pool keeps its maxima's positions (GnetMaxPoolTraining).
+  expected_calls = {'@GnetConvForward(': 59 if train else 0,
+                    '@GnetConvBiasReluForward(': 0 if train else 57,
+                    '@GnetMaxPoolTraining(': 13, '@GnetMaxPoolBackward(': 13}
 
-  def grads_and_logits(onednn_convs):
+  def grads_and_outputs(use_onednn):
     def loss(params):
-      logits = model_lib.apply_fn({**variables, 'params': params}, images,
-                                  onednn=onednn_convs, **kwargs)
-      return jnp.sum(logits * weights), logits
+      outputs = model_lib.apply_fn({**variables, 'params': params}, images, train=train,
+                                   onednn=use_onednn, **kwargs)
+      outputs = outputs[0] if train else (outputs,)  # logits (and aux logits)
+      return sum(jnp.sum(o * weights) for o in outputs), outputs
     lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables['params'])
-    assert lowered.as_text().count('GnetConvForward') == (57 if onednn_convs else 0)
+    text = lowered.as_text()
+    for target, count in expected_calls.items():
+      assert text.count(target) == (count if use_onednn else 0), target
     return lowered.compile()(variables['params'])
 
-  (grads_xla, logits_xla), (grads, logits) = grads_and_logits(False), grads_and_logits(True)
-  np.testing.assert_allclose(logits, logits_xla, rtol=1e-4, atol=1e-5)
+  (grads_xla, outputs_xla), (grads, outputs) = grads_and_outputs(False), grads_and_outputs(True)
+  if not train:  # not differentiated, the pools need no positions
+    text = jax.jit(functools.partial(model_lib.apply_fn, onednn=True, **kwargs)).lower(
+        variables, images).as_text()
+    assert text.count('@GnetMaxPool(') == 13 and text.count('@GnetConvBiasReluForward(') == 57
+  # In training, BatchNorm over 2 images (8 values per channel at 4e's 2x2) magnifies
+  # rounding differences tenfold.
+  rtol = 1e-3 if train else 1e-4
+  for o, e in zip(outputs, outputs_xla):
+    np.testing.assert_allclose(o, e, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(e))) / 10)
   for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_xla)):
     assert np.linalg.norm(g - e) <= 2e-2 * np.linalg.norm(e) + 1e-12, jax.tree_util.keystr(path)
 
@@ -118,7 +169,7 @@ def test_auto_uses_onednn_on_one_cpu_device_only():
 def test_build_failure_says_why(tmp_path, monkeypatch):
   monkeypatch.setenv('GNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
-  with pytest.raises(onednn.Unavailable, match='compiling onednn_conv.cc failed'):
+  with pytest.raises(onednn.Unavailable, match='compiling onednn_kernels.cc failed'):
     onednn._build()  # pylint: disable=protected-access
   assert not list(tmp_path.rglob('*.so'))  # nothing half-written left behind
 

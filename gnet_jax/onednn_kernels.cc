@@ -1,0 +1,485 @@
+// XLA FFI handlers for GoogLeNet's float32 convolutions and max pools on CPU with oneDNN:
+// - the forward, the input gradient and the kernel gradient of an NHWC x HWIO -> NHWC
+//   convolution without dilation or groups;
+// - the forward (with or without the workspace its gradient needs) and the gradient of
+//   an NHWC max pool.
+// gnet_jax/onednn.py builds this file and registers the handlers.
+//
+// Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
+// shapes, and its max pools and their gradients took a sixth of the train step
+// (BENCHMARKS.md, changes 8 and 9).
+//
+// Threads: each call cuts its batch into one chunk per thread of XLA's intra-op pool and
+// runs oneDNN single-threaded on each chunk, on the calling thread and on the pool.
+// oneDNN's own OpenMP team would instead compete for the cores with the XLA ops that run
+// beside the call.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+extern "C" void omp_set_num_threads(int);  // libgomp, which libdnnl links
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One chunk's convolution: batch n, input h x w x c, kernel kh x kw x c x o, output
+// oh x ow x o, strides (sh, sw), padding (top, bottom, left, right).
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+
+  auto Key() const { return std::make_tuple(n, h, w, c, kh, kw, o, sh, sw, pt, pb, pl, pr); }
+  memory::desc Src() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc Dst() const { return {{n, o, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc Weights(Tag tag = Tag::hwio) const {
+    return {{o, c, kh, kw}, memory::data_type::f32, tag};
+  }
+  memory::desc Bias() const { return {{o}, memory::data_type::f32, Tag::a}; }
+};
+
+// The primitives of one geometry. Building them costs more than running them on small
+// inputs, so they are built once and kept.
+struct Conv {
+  // Inference: the convolution, then + bias and ReLU as post-ops (a BatchNorm with fixed
+  // statistics folded into the kernel and bias).
+  dnnl::convolution_forward::primitive_desc bias_relu_pd;
+  dnnl::convolution_forward bias_relu;
+  dnnl::reorder weights_to_bias_relu;
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::reorder weights_to_fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::reorder weights_to_bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::convolution_backward_weights bwd_weights;
+  dnnl::reorder diff_weights_to_hwio;
+};
+
+std::shared_ptr<Conv> GetConv(const Geometry& g) {
+  static std::mutex mutex;
+  static std::map<decltype(g.Key()), std::shared_ptr<Conv>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& cached = cache[g.Key()];
+  if (cached) return cached;
+
+  auto& eng = Engine();
+  memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
+  auto algo = dnnl::algorithm::convolution_direct;
+  // Every execution brings its own scratchpad: with the library's, two chunks of the
+  // same primitive running at once would share one.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto p = std::make_shared<Conv>();
+  // Weights in whatever layout oneDNN prefers (Tag::any); activations stay NHWC.
+  dnnl::post_ops relu;
+  relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr relu_attr;  // not a copy of attr: that would share attr's state
+  relu_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  relu_attr.set_post_ops(relu);
+  p->bias_relu_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_inference, algo, g.Src(), g.Weights(Tag::any), g.Bias(),
+      g.Dst(), strides, pad_l, pad_r, relu_attr);
+  p->bias_relu = dnnl::convolution_forward(p->bias_relu_pd);
+  p->weights_to_bias_relu = dnnl::reorder(dnnl::reorder::primitive_desc(
+      eng, g.Weights(), eng, p->bias_relu_pd.weights_desc(), attr));
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, algo, g.Src(), g.Weights(Tag::any), g.Dst(),
+      strides, pad_l, pad_r, attr);
+  p->fwd = dnnl::convolution_forward(p->fwd_pd);
+  p->weights_to_fwd = dnnl::reorder(dnnl::reorder::primitive_desc(
+      eng, g.Weights(), eng, p->fwd_pd.weights_desc(), attr));
+  p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      eng, algo, g.Src(), g.Weights(Tag::any), g.Dst(), strides, pad_l, pad_r, p->fwd_pd,
+      attr);
+  p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
+  p->weights_to_bwd_data = dnnl::reorder(dnnl::reorder::primitive_desc(
+      eng, g.Weights(), eng, p->bwd_data_pd.weights_desc(), attr));
+  p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      eng, algo, g.Src(), g.Weights(Tag::any), g.Dst(), strides, pad_l, pad_r, p->fwd_pd,
+      attr);
+  p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
+  p->diff_weights_to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(
+      eng, p->bwd_weights_pd.diff_weights_desc(), eng, g.Weights(), attr));
+  cached = p;
+  return p;
+}
+
+void Execute(const dnnl::primitive& prim, std::unordered_map<int, memory> args,
+             int omp_threads) {
+  omp_set_num_threads(omp_threads);
+  dnnl_memory_desc_t scratchpad;
+  dnnl_memory_desc_clone(&scratchpad, dnnl_primitive_desc_query_md(
+      prim.get_primitive_desc(), dnnl_query_scratchpad_md, 0));
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(memory::desc(scratchpad), Engine()));
+  dnnl::stream stream(Engine());
+  prim.execute(stream, args);
+  stream.wait();
+}
+
+// Runs chunk(i) for every i < n, on the calling thread and on XLA's pool. The caller
+// claims chunks too and waits only for chunks already started, so a pool whose threads
+// are all busy (or waiting in another such call) cannot deadlock it: a helper that
+// starts late finds nothing left to do.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int n, F chunk) {
+  struct State {
+    std::atomic<int> next{0};
+    int done = 0;
+    std::exception_ptr error;
+    std::mutex mutex;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, chunk]() {
+    for (int i; (i = state->next.fetch_add(1)) < n;) {
+      std::exception_ptr error;
+      try {
+        chunk(i);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (error && !state->error) state->error = error;
+      if (++state->done == n) state->cv.notify_all();
+    }
+  };
+  for (int i = 1; i < n; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->cv.wait(lock, [&] { return state->done == n; });
+  if (state->error) std::rethrow_exception(state->error);
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Ints = ffi::Span<const int64_t>;
+
+// A call's batch is cut into `chunks` equal parts, one per thread of XLA's pool (as many
+// as divide the batch), each run with `omp_threads` oneDNN threads.
+struct Cut {
+  int chunks, omp_threads;
+
+  static Cut Make(ffi::ThreadPool& pool, int64_t batch) {
+    int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+    int chunks = threads;
+    while (chunks > 1 && batch % chunks != 0) --chunks;
+    // A batch that cannot be cut (one image) gets oneDNN's threads instead.
+    return {chunks, chunks > 1 ? 1 : threads};
+  }
+};
+
+// Chunk i of an array whose chunks are all laid out as `chunk`.
+memory At(const memory::desc& chunk, void* data, int i) {
+  return memory(chunk, Engine(), static_cast<char*>(data) + i * chunk.get_size());
+}
+
+struct Plan {
+  Geometry g;  // of one chunk
+  Cut cut;
+  std::shared_ptr<Conv> conv;
+
+  static Plan Make(ffi::ThreadPool& pool, Ints x, Ints w, Ints y, Ints strides,
+                   Ints padding) {
+    Cut cut = Cut::Make(pool, x[0]);
+    Geometry g{x[0] / cut.chunks, x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
+               strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
+    return {g, cut, GetConv(g)};
+  }
+
+  memory Src(float* data, int i) const { return At(g.Src(), data, i); }
+  memory Dst(float* data, int i) const { return At(g.Dst(), data, i); }
+  memory Reordered(const dnnl::reorder& reorder, const memory::desc& to, float* hwio) const {
+    memory from(g.Weights(), Engine(), hwio);
+    if (to == from.get_desc()) return from;
+    memory out(to, Engine());
+    Execute(reorder, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, out}}, cut.omp_threads);
+    return out;
+  }
+};
+
+template <typename F>
+ffi::Error Guarded(F body) {
+  try {
+    body();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y,
+                   Ints strides, Ints padding) {
+  return Guarded([&] {
+    Plan plan = Plan::Make(pool, x.dimensions(), w.dimensions(), y->dimensions(), strides,
+                           padding);
+    const Conv& c = *plan.conv;
+    memory weights = plan.Reordered(c.weights_to_fwd, c.fwd_pd.weights_desc(), w.typed_data());
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    ParallelFor(pool, plan.cut.chunks, [&, xs, ys](int i) {
+      Execute(c.fwd, {{DNNL_ARG_SRC, plan.Src(xs, i)}, {DNNL_ARG_WEIGHTS, weights},
+                      {DNNL_ARG_DST, plan.Dst(ys, i)}}, plan.cut.omp_threads);
+    });
+  });
+}
+
+ffi::Error ForwardBiasRelu(ffi::ThreadPool pool, F32 x, F32 w, F32 b,
+                           ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding) {
+  return Guarded([&] {
+    Plan plan = Plan::Make(pool, x.dimensions(), w.dimensions(), y->dimensions(), strides,
+                           padding);
+    const Conv& c = *plan.conv;
+    memory weights = plan.Reordered(c.weights_to_bias_relu, c.bias_relu_pd.weights_desc(),
+                                    w.typed_data());
+    memory bias(plan.g.Bias(), Engine(), b.typed_data());
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    ParallelFor(pool, plan.cut.chunks, [&, xs, ys](int i) {
+      Execute(c.bias_relu, {{DNNL_ARG_SRC, plan.Src(xs, i)}, {DNNL_ARG_WEIGHTS, weights},
+                            {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, plan.Dst(ys, i)}},
+              plan.cut.omp_threads);
+    });
+  });
+}
+
+ffi::Error BackwardData(ffi::ThreadPool pool, F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx,
+                        Ints strides, Ints padding) {
+  return Guarded([&] {
+    Plan plan = Plan::Make(pool, dx->dimensions(), w.dimensions(), dy.dimensions(), strides,
+                           padding);
+    const Conv& c = *plan.conv;
+    memory weights = plan.Reordered(c.weights_to_bwd_data, c.bwd_data_pd.weights_desc(),
+                                    w.typed_data());
+    float *dys = dy.typed_data(), *dxs = dx->typed_data();
+    ParallelFor(pool, plan.cut.chunks, [&, dys, dxs](int i) {
+      Execute(c.bwd_data, {{DNNL_ARG_DIFF_DST, plan.Dst(dys, i)}, {DNNL_ARG_WEIGHTS, weights},
+                           {DNNL_ARG_DIFF_SRC, plan.Src(dxs, i)}}, plan.cut.omp_threads);
+    });
+  });
+}
+
+ffi::Error BackwardWeights(ffi::ThreadPool pool, F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw,
+                           Ints strides, Ints padding) {
+  return Guarded([&] {
+    Plan plan = Plan::Make(pool, x.dimensions(), dw->dimensions(), dy.dimensions(), strides,
+                           padding);
+    const Conv& c = *plan.conv;
+    // Each chunk's kernel gradient in oneDNN's layout, summed, then reordered to HWIO.
+    auto desc = c.bwd_weights_pd.diff_weights_desc();
+    std::vector<memory> partial;
+    for (int i = 0; i < plan.cut.chunks; ++i) partial.emplace_back(desc, Engine());
+    float *xs = x.typed_data(), *dys = dy.typed_data();
+    ParallelFor(pool, plan.cut.chunks, [&, xs, dys](int i) {
+      Execute(c.bwd_weights, {{DNNL_ARG_SRC, plan.Src(xs, i)},
+                              {DNNL_ARG_DIFF_DST, plan.Dst(dys, i)},
+                              {DNNL_ARG_DIFF_WEIGHTS, partial[i]}}, plan.cut.omp_threads);
+    });
+    auto* sum = static_cast<float*>(partial[0].get_data_handle());
+    size_t size = desc.get_size() / sizeof(float);
+    for (int i = 1; i < plan.cut.chunks; ++i) {
+      const auto* part = static_cast<const float*>(partial[i].get_data_handle());
+      for (size_t j = 0; j < size; ++j) sum[j] += part[j];
+    }
+    Execute(c.diff_weights_to_hwio,
+            {{DNNL_ARG_FROM, partial[0]},
+             {DNNL_ARG_TO, memory(plan.g.Weights(), Engine(), dw->typed_data())}},
+            plan.cut.omp_threads);
+  });
+}
+
+// One chunk's max pool: batch n, input h x w x c, window kh x kw, output oh x ow x c,
+// strides (sh, sw), padding (top, bottom, left, right), which never wins a window.
+struct PoolGeometry {
+  int64_t n, h, w, c, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr;
+
+  auto Key() const { return std::make_tuple(n, h, w, c, kh, kw, sh, sw, pt, pb, pl, pr); }
+  memory::desc Src() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc Dst() const { return {{n, c, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
+};
+
+// The forward without a workspace (inference), with one (training: the position of each
+// window's maximum, one byte per output) and the gradient, which reads the workspace.
+struct Pool {
+  dnnl::pooling_forward inference;
+  dnnl::pooling_forward::primitive_desc training_pd;
+  dnnl::pooling_forward training;
+  dnnl::pooling_backward backward;
+};
+
+std::shared_ptr<Pool> GetPool(const PoolGeometry& g) {
+  static std::mutex mutex;
+  static std::map<decltype(g.Key()), std::shared_ptr<Pool>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& cached = cache[g.Key()];
+  if (cached) return cached;
+
+  auto& eng = Engine();
+  memory::dims strides{g.sh, g.sw}, kernel{g.kh, g.kw}, dilation{0, 0}, pad_l{g.pt, g.pl},
+      pad_r{g.pb, g.pr};
+  auto algo = dnnl::algorithm::pooling_max;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto p = std::make_shared<Pool>();
+  p->inference = dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_inference, algo, g.Src(), g.Dst(), strides, kernel,
+      dilation, pad_l, pad_r, attr));
+  p->training_pd = dnnl::pooling_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, algo, g.Src(), g.Dst(), strides, kernel,
+      dilation, pad_l, pad_r, attr);
+  p->training = dnnl::pooling_forward(p->training_pd);
+  // gnet_jax/onednn.py gives the workspace one byte per output, laid out like the output.
+  auto ws = p->training_pd.workspace_desc();
+  if (ws.get_data_type() != memory::data_type::u8 ||
+      ws.get_size() != static_cast<size_t>(g.n * g.oh * g.ow * g.c)) {
+    throw std::runtime_error("unexpected max-pool workspace of " +
+                             std::to_string(ws.get_size()) + " bytes");
+  }
+  p->backward = dnnl::pooling_backward(dnnl::pooling_backward::primitive_desc(
+      eng, algo, g.Src(), g.Dst(), strides, kernel, dilation, pad_l, pad_r, p->training_pd,
+      attr));
+  cached = p;
+  return p;
+}
+
+struct PoolPlan {
+  PoolGeometry g;  // of one chunk
+  Cut cut;
+  std::shared_ptr<Pool> pool;
+
+  static PoolPlan Make(ffi::ThreadPool& threads, Ints x, Ints y, Ints window, Ints strides,
+                       Ints padding) {
+    Cut cut = Cut::Make(threads, x[0]);
+    PoolGeometry g{x[0] / cut.chunks, x[1], x[2], x[3], window[0], window[1], y[1], y[2],
+                   strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
+    return {g, cut, GetPool(g)};
+  }
+
+  memory Src(float* data, int i) const { return At(g.Src(), data, i); }
+  memory Dst(float* data, int i) const { return At(g.Dst(), data, i); }
+  memory Workspace(uint8_t* data, int i) const {
+    return At(pool->training_pd.workspace_desc(), data, i);
+  }
+};
+
+using U8 = ffi::Buffer<ffi::U8>;
+
+ffi::Error MaxPool(ffi::ThreadPool threads, F32 x, ffi::ResultBuffer<ffi::F32> y,
+                   Ints window, Ints strides, Ints padding) {
+  return Guarded([&] {
+    auto plan = PoolPlan::Make(threads, x.dimensions(), y->dimensions(), window, strides,
+                               padding);
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    ParallelFor(threads, plan.cut.chunks, [&, xs, ys](int i) {
+      Execute(plan.pool->inference, {{DNNL_ARG_SRC, plan.Src(xs, i)},
+                                     {DNNL_ARG_DST, plan.Dst(ys, i)}}, plan.cut.omp_threads);
+    });
+  });
+}
+
+ffi::Error MaxPoolTraining(ffi::ThreadPool threads, F32 x, ffi::ResultBuffer<ffi::F32> y,
+                           ffi::ResultBuffer<ffi::U8> ws, Ints window, Ints strides,
+                           Ints padding) {
+  return Guarded([&] {
+    auto plan = PoolPlan::Make(threads, x.dimensions(), y->dimensions(), window, strides,
+                               padding);
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    uint8_t* wss = ws->typed_data();
+    ParallelFor(threads, plan.cut.chunks, [&, xs, ys, wss](int i) {
+      Execute(plan.pool->training, {{DNNL_ARG_SRC, plan.Src(xs, i)},
+                                    {DNNL_ARG_DST, plan.Dst(ys, i)},
+                                    {DNNL_ARG_WORKSPACE, plan.Workspace(wss, i)}},
+              plan.cut.omp_threads);
+    });
+  });
+}
+
+ffi::Error MaxPoolBackward(ffi::ThreadPool threads, F32 dy, U8 ws,
+                           ffi::ResultBuffer<ffi::F32> dx, Ints window, Ints strides,
+                           Ints padding) {
+  return Guarded([&] {
+    auto plan = PoolPlan::Make(threads, dx->dimensions(), dy.dimensions(), window, strides,
+                               padding);
+    float *dys = dy.typed_data(), *dxs = dx->typed_data();
+    uint8_t* wss = ws.typed_data();
+    ParallelFor(threads, plan.cut.chunks, [&, dys, dxs, wss](int i) {
+      Execute(plan.pool->backward, {{DNNL_ARG_DIFF_DST, plan.Dst(dys, i)},
+                                    {DNNL_ARG_WORKSPACE, plan.Workspace(wss, i)},
+                                    {DNNL_ARG_DIFF_SRC, plan.Src(dxs, i)}},
+              plan.cut.omp_threads);
+    });
+  });
+}
+
+}  // namespace
+
+// Every convolution handler takes two float32 operands and gives one result; `strides`
+// is (rows, columns) and `padding` (top, bottom, left, right).
+#define GNET_CONV_BINDING                 \
+  ffi::Ffi::Bind()                        \
+      .Ctx<ffi::ThreadPool>()             \
+      .Arg<F32>()                         \
+      .Arg<F32>()                         \
+      .Ret<F32>()                         \
+      .Attr<Ints>("strides")              \
+      .Attr<Ints>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetConvForward, Forward, GNET_CONV_BINDING);
+// relu(conv(x, w) + b): the same, with the bias b (one per output channel) third.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetConvBiasReluForward, ForwardBiasRelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetConvBackwardData, BackwardData, GNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetConvBackwardWeights, BackwardWeights, GNET_CONV_BINDING);
+
+// The max pools: `window` and `strides` are (rows, columns), `padding` (top, bottom,
+// left, right); the workspace is uint8, shaped like the output.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetMaxPool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("window")
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetMaxPoolTraining, MaxPoolTraining,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<Ints>("window")
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("window")
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("padding"));
