@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   # torchvision's input transform; its converted ImageNet weights need True.
   config.model.transform_input = False
   config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
-  # float32 convolutions on CPU: 'onednn' (gnet_jax/onednn.py, 1.18x faster training),
+  # float32 convolutions and max pools on CPU: 'onednn' (gnet_jax/onednn.py, faster),
   # 'xla', or 'auto': oneDNN when the step runs on a single CPU device.
   config.model.cpu_convolutions = 'auto'
 

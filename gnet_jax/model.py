@@ -345,8 +345,9 @@ class GoogLeNet(nn.Module):
     transform_input: torchvision's input transform (its pretrained weights need it).
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32 and the
       logits are returned as float32.
-    onednn: float32 convolutions on CPU through oneDNN (`gnet_jax.onednn`): the same
-      function, faster (train step 1.18x). Elsewhere, or where oneDNN cannot be built,
+    onednn: float32 convolutions and max pools on CPU through oneDNN (`gnet_jax.onednn`),
+      and in inference each conv -> BatchNorm -> ReLU as one call: the same function,
+      faster (BENCHMARKS.md, changes 8-10). Elsewhere, or where oneDNN cannot be built,
       XLA's. For programs on one device only: XLA cannot split the calls over devices.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a

@@ -1,11 +1,17 @@
-"""float32 convolutions on CPU with oneDNN, as XLA FFI calls with their own gradient.
+"""GoogLeNet's float32 convolutions and max pools on CPU with oneDNN, as XLA FFI calls
+with their own gradients.
 
 XLA CPU computes convolutions with Eigen, whose kernel gradients run at a fraction of
-oneDNN's (the library PyTorch uses) on GoogLeNet's shapes: with these the CPU train step
-is 1.18x faster and inference 1.14x (BENCHMARKS.md, change 8). `conv_general_dilated`
-is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`):
-on CPU it calls `onednn_conv.cc`, elsewhere (GPU, TPU) and for what that file does not
-cover (other dtypes, dilation, groups, other layouts) it is `lax.conv_general_dilated`.
+oneDNN's (the library PyTorch uses) on GoogLeNet's shapes, and its max pools and their
+gradients took a sixth of the train step (BENCHMARKS.md, changes 8 and 9):
+- `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
+  `nn.Conv(conv_general_dilated=...)`);
+- `conv_bias_relu` is relu(conv(x, w) + b) in one call: an inference-mode
+  conv -> BatchNorm -> ReLU once the BatchNorm is folded into w and b;
+- `max_pool` is a max pool whose gradient, like XLA's and torch's, goes to each window's
+  first maximum.
+On CPU they call `onednn_kernels.cc`; elsewhere (GPU, TPU) and for what that file does
+not cover (other dtypes, dilation, groups, other layouts) they are XLA's.
 
 The C++ file is compiled on first use with the system's C++ compiler against the oneDNN
 of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (requirements.txt) and kept in
@@ -44,7 +50,7 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 class Unavailable(RuntimeError):
-  """The oneDNN convolutions cannot be built or loaded here; the message says why."""
+  """The oneDNN kernels cannot be built or loaded here; the message says why."""
 
 
 def _package_file(dist: str, name: str) -> pathlib.Path:
@@ -79,7 +85,7 @@ def _build() -> pathlib.Path:
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  logging.info('gnet_jax: compiling the oneDNN convolutions into %s (once)', target)
+  logging.info('gnet_jax: compiling the oneDNN kernels into %s (once)', target)
   # Compiled under a temporary name and renamed: a reader never sees half a library.
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = pathlib.Path(tmp) / target.name
@@ -96,7 +102,7 @@ def _build() -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-  """Whether the oneDNN convolutions are built and registered (once per process)."""
+  """Whether the oneDNN kernels are built and registered (once per process)."""
   if os.environ.get('GNET_JAX_ONEDNN', '1') == '0':
     return False
   try:
@@ -105,7 +111,7 @@ def available() -> bool:
     # loaded into the process (torch and TensorFlow carry their own).
     library = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
   except (Unavailable, OSError) as e:
-    logging.warning('gnet_jax: CPU convolutions stay on XLA: %s', e)
+    logging.warning('gnet_jax: CPU convolutions and max pools stay on XLA: %s', e)
     return False
   for name in _TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),

@@ -1,13 +1,15 @@
 // XLA FFI handlers for GoogLeNet's float32 convolutions and max pools on CPU with oneDNN:
 // - the forward, the input gradient and the kernel gradient of an NHWC x HWIO -> NHWC
-//   convolution without dilation or groups;
+//   convolution without dilation or groups, and an inference forward that adds a bias
+//   and applies ReLU as it writes its output;
 // - the forward (with or without the workspace its gradient needs) and the gradient of
 //   an NHWC max pool.
 // gnet_jax/onednn.py builds this file and registers the handlers.
 //
 // Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
-// shapes, and its max pools and their gradients took a sixth of the train step
-// (BENCHMARKS.md, changes 8 and 9).
+// shapes, its max pools and their gradients took a sixth of the train step, and in
+// inference the BatchNorm and ReLU after each convolution are one more pass over memory
+// (BENCHMARKS.md, changes 8-10).
 //
 // Threads: each call cuts its batch into one chunk per thread of XLA's intra-op pool and
 // runs oneDNN single-threaded on each chunk, on the calling thread and on the pool.
