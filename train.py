@@ -47,7 +47,12 @@ def main(argv):
   cpu_tuning.use_fast_cpu_kernels()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
-    jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
+    # JAX's size-limited cache cannot evict entries that a program without the limit
+    # wrote (they lack its access-time records): every write then fails with a warning.
+    # A directory that every JAX program here shares (JAX_COMPILATION_CACHE_DIR) keeps
+    # JAX's own size setting, as the other programs writing to it do.
+    if FLAGS.compilation_cache_dir != os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+      jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
   coordinator = FLAGS.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   # A multi-host TPU slice lists its hosts here; JAX then finds the cluster itself.
   tpu_hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get('TPU_WORKER_HOSTNAMES')

@@ -147,10 +147,17 @@ def test_reference_run_checkpoints_and_load_variables(reference):
     checkpoint.load_variables(reference, step=5)
 
 
-def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, reference, tmp_path):
+def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, reference, tmp_path,
+                                                       monkeypatch):
   workdir = str(tmp_path / 'killed')
   args = overrides(digits_data_dir, workdir)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  # A compilation cache of this test's own ($JAX_COMPILATION_CACHE_DIR), which another JAX
+  # program writes to first without a size limit: train.py must still cache its steps.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
+  subprocess.run([sys.executable, '-c', 'import jax; jax.jit(lambda x: x * 3 + 1)(2.0)'],
+                 env=env_for(1), check=True)
+  assert os.listdir(tmp_path / 'jax_cache')
 
   # 1. Before the first checkpoint: step 2 is logged, no checkpoint is finalized yet.
   proc = start(args)
@@ -174,7 +181,7 @@ def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, referenc
 
   out = finish(start(args))
   assert f'Resumed from checkpoint {ckpt_dir}/3' in out
-  # The killed runs compiled this very program into the session's compilation cache.
+  # The killed runs compiled this very program into the compilation cache.
   assert 'Compiled the train step in' in out
   assert '(from the persistent compilation cache)' in out
   assert records(workdir) == records(reference)  # every line, step by step, no repeats
