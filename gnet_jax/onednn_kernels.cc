@@ -59,8 +59,27 @@ struct Geometry {
   memory::desc Bias() const { return {{o}, memory::data_type::f32, Tag::a}; }
 };
 
-// The primitives of one geometry. Building them costs more than running them on small
-// inputs, so they are built once and kept.
+// The primitives of one geometry g, built by build(g) on first use and kept: building
+// them costs more than running them on small inputs.
+template <typename T, typename G>
+std::shared_ptr<T> Cached(const G& g, std::shared_ptr<T> (*build)(const G&)) {
+  static std::mutex mutex;
+  static std::map<decltype(g.Key()), std::shared_ptr<T>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& cached = cache[g.Key()];
+  if (!cached) cached = build(g);
+  return cached;
+}
+
+// Every execution brings its own scratchpad: with the library's, two chunks of the same
+// primitive running at once would share one.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A convolution's primitives, each with the reorder of HWIO weights it needs.
 struct Conv {
   // Inference: the convolution, then + bias and ReLU as post-ops (a BatchNorm with fixed
   // statistics folded into the kernel and bias).
@@ -78,26 +97,16 @@ struct Conv {
   dnnl::reorder diff_weights_to_hwio;
 };
 
-std::shared_ptr<Conv> GetConv(const Geometry& g) {
-  static std::mutex mutex;
-  static std::map<decltype(g.Key()), std::shared_ptr<Conv>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& cached = cache[g.Key()];
-  if (cached) return cached;
-
+std::shared_ptr<Conv> BuildConv(const Geometry& g) {
   auto& eng = Engine();
   memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
   auto algo = dnnl::algorithm::convolution_direct;
-  // Every execution brings its own scratchpad: with the library's, two chunks of the
-  // same primitive running at once would share one.
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr attr = UserScratchpad();
   auto p = std::make_shared<Conv>();
   // Weights in whatever layout oneDNN prefers (Tag::any); activations stay NHWC.
   dnnl::post_ops relu;
   relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  dnnl::primitive_attr relu_attr;  // not a copy of attr: that would share attr's state
-  relu_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr relu_attr = UserScratchpad();  // not attr: copies share one object
   relu_attr.set_post_ops(relu);
   p->bias_relu_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_inference, algo, g.Src(), g.Weights(Tag::any), g.Bias(),
@@ -123,7 +132,6 @@ std::shared_ptr<Conv> GetConv(const Geometry& g) {
   p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
   p->diff_weights_to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(
       eng, p->bwd_weights_pd.diff_weights_desc(), eng, g.Weights(), attr));
-  cached = p;
   return p;
 }
 
@@ -205,7 +213,7 @@ struct Plan {
     Cut cut = Cut::Make(pool, x[0]);
     Geometry g{x[0] / cut.chunks, x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
                strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
-    return {g, cut, GetConv(g)};
+    return {g, cut, Cached(g, BuildConv)};
   }
 
   memory Src(float* data, int i) const { return At(g.Src(), data, i); }
@@ -326,19 +334,12 @@ struct Pool {
   dnnl::pooling_backward backward;
 };
 
-std::shared_ptr<Pool> GetPool(const PoolGeometry& g) {
-  static std::mutex mutex;
-  static std::map<decltype(g.Key()), std::shared_ptr<Pool>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& cached = cache[g.Key()];
-  if (cached) return cached;
-
+std::shared_ptr<Pool> BuildPool(const PoolGeometry& g) {
   auto& eng = Engine();
   memory::dims strides{g.sh, g.sw}, kernel{g.kh, g.kw}, dilation{0, 0}, pad_l{g.pt, g.pl},
       pad_r{g.pb, g.pr};
   auto algo = dnnl::algorithm::pooling_max;
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr attr = UserScratchpad();
   auto p = std::make_shared<Pool>();
   p->inference = dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_inference, algo, g.Src(), g.Dst(), strides, kernel,
@@ -357,7 +358,6 @@ std::shared_ptr<Pool> GetPool(const PoolGeometry& g) {
   p->backward = dnnl::pooling_backward(dnnl::pooling_backward::primitive_desc(
       eng, algo, g.Src(), g.Dst(), strides, kernel, dilation, pad_l, pad_r, p->training_pd,
       attr));
-  cached = p;
   return p;
 }
 
@@ -371,7 +371,7 @@ struct PoolPlan {
     Cut cut = Cut::Make(threads, x[0]);
     PoolGeometry g{x[0] / cut.chunks, x[1], x[2], x[3], window[0], window[1], y[1], y[2],
                    strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
-    return {g, cut, GetPool(g)};
+    return {g, cut, Cached(g, BuildPool)};
   }
 
   memory Src(float* data, int i) const { return At(g.Src(), data, i); }
