@@ -221,11 +221,6 @@ def ceil_mode_padding(x, window: int, stride: int):
   return tuple(pads)
 
 
-def max_pool_ceil(x, window: int, stride: int):
-  """torch's MaxPool2d(window, stride, ceil_mode=True, padding=0) on NHWC input."""
-  return max_pool(x, window, stride, ceil_mode_padding(x, window, stride))
-
-
 class MaxPool(nn.Module):
   """A max pool as a named layer, so the summary can list it like the paper's table."""
   window: int = 3
