@@ -45,8 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   # torchvision's input transform; its converted ImageNet weights need True.
   config.model.transform_input = False
   config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
-  # float32 convolutions and max pools on CPU: 'onednn' (gnet_jax/onednn.py, faster),
-  # 'xla', or 'auto': oneDNN when the step runs on a single CPU device.
+  # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/onednn.py,
+  # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device.
   config.model.cpu_convolutions = 'auto'
 
   # --- Optimisation (gnet_jax/train_lib.py) ---

@@ -61,6 +61,20 @@ class GoogLeNetOutputs(NamedTuple):
   aux_4d: jax.Array
 
 
+# Flax momentum 0.9 is torch's momentum 0.1.
+BN_MOMENTUM = 0.9
+
+
+def batch_norm_relu(x, scale, bias, running_mean, running_var, *, epsilon, momentum):
+  """relu(BatchNorm(x)) over the batch, as flax's BatchNorm computes it in training, and
+  the running statistics it keeps: (y, new_running_mean, new_running_var)."""
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean))
+  y = nn.relu((x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias)
+  return (y, momentum * running_mean + (1 - momentum) * mean,
+          momentum * running_var + (1 - momentum) * var)
+
+
 class BasicConv(nn.Module):
   """Conv -> BatchNorm -> ReLU (conv with bias and no BatchNorm when use_bn=False)."""
   features: int
@@ -87,11 +101,21 @@ class BasicConv(nn.Module):
                 dtype=self.dtype, param_dtype=jnp.float32, name='conv',
                 conv_general_dilated=(onednn.conv_general_dilated if self.onednn
                                       else lax.conv_general_dilated))(x)
-    if self.use_bn:
-      # Flax momentum 0.9 is torch's momentum 0.1.
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=self.bn_epsilon, dtype=self.dtype,
-                       param_dtype=jnp.float32, name='bn')(x)
+    if not self.use_bn:
+      return nn.relu(x)
+    if self.onednn and train and not self.is_initializing() and x.dtype == jnp.float32:
+      # The batch statistics, normalisation and ReLU as one oneDNN call each way, on
+      # flax's BatchNorm's variables.
+      bn, stats = self.variables['params']['bn'], self.variables['batch_stats']['bn']
+      x, mean, var = onednn.batch_norm_relu(
+          x, bn['scale'], bn['bias'], stats['mean'], stats['var'], epsilon=self.bn_epsilon,
+          momentum=BN_MOMENTUM, fallback=functools.partial(
+              batch_norm_relu, epsilon=self.bn_epsilon, momentum=BN_MOMENTUM))
+      self.put_variable('batch_stats', 'bn', {'mean': mean, 'var': var})
+      return x
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                     epsilon=self.bn_epsilon, dtype=self.dtype,
+                     param_dtype=jnp.float32, name='bn')(x)
     return nn.relu(x)
 
   def _folded(self):
@@ -340,10 +364,11 @@ class GoogLeNet(nn.Module):
     transform_input: torchvision's input transform (its pretrained weights need it).
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32 and the
       logits are returned as float32.
-    onednn: float32 convolutions and max pools on CPU through oneDNN (`gnet_jax.onednn`),
-      and in inference each conv -> BatchNorm -> ReLU as one call: the same function,
-      faster (BENCHMARKS.md, changes 8-10). Elsewhere, or where oneDNN cannot be built,
-      XLA's. For programs on one device only: XLA cannot split the calls over devices.
+    onednn: float32 convolutions, max pools and BatchNorms on CPU through oneDNN and
+      C++ (`gnet_jax.onednn`), and in inference each conv -> BatchNorm -> ReLU as one
+      call: the same function, faster and quicker to compile (BENCHMARKS.md, changes
+      8-11). Elsewhere, or where oneDNN cannot be built, XLA's. For programs on one
+      device only: XLA cannot split the calls over devices.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a
   `GoogLeNetOutputs(logits, aux_4a, aux_4d)`.

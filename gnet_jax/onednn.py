@@ -1,15 +1,18 @@
-"""GoogLeNet's float32 convolutions and max pools on CPU with oneDNN, as XLA FFI calls
-with their own gradients.
+"""GoogLeNet's float32 convolutions, max pools and BatchNorms on CPU, with oneDNN and
+plain C++, as XLA FFI calls with their own gradients.
 
 XLA CPU computes convolutions with Eigen, whose kernel gradients run at a fraction of
-oneDNN's (the library PyTorch uses) on GoogLeNet's shapes, and its max pools and their
-gradients took a sixth of the train step (BENCHMARKS.md, changes 8 and 9):
+oneDNN's (the library PyTorch uses) on GoogLeNet's shapes, its max pools and their
+gradients took a sixth of the train step, and its BatchNorms were ~850 of the step's
+~1,430 compiled kernels (BENCHMARKS.md, changes 8, 9 and 11):
 - `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
   `nn.Conv(conv_general_dilated=...)`);
 - `conv_bias_relu` is relu(conv(x, w) + b) in one call: an inference-mode
   conv -> BatchNorm -> ReLU once the BatchNorm is folded into w and b;
 - `max_pool` is a max pool whose gradient, like XLA's and torch's, goes to each window's
-  first maximum.
+  first maximum;
+- `batch_norm_relu` is a training-mode BatchNorm (flax's arithmetic) and ReLU, one call
+  forward and one backward.
 On CPU they call `onednn_kernels.cc`; elsewhere (GPU, TPU) and for what that file does
 not cover (other dtypes, dilation, groups, other layouts) they are XLA's.
 
@@ -45,7 +48,7 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).with_name('onednn_kernels.cc')
 _TARGETS = ('GnetConvForward', 'GnetConvBiasReluForward', 'GnetConvBackwardData',
             'GnetConvBackwardWeights', 'GnetMaxPool', 'GnetMaxPoolTraining',
-            'GnetMaxPoolBackward')
+            'GnetMaxPoolBackward', 'GnetBatchNormReluTraining', 'GnetBatchNormReluBackward')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -65,8 +68,12 @@ def _package_file(dist: str, name: str) -> pathlib.Path:
   raise Unavailable(f'{dist} has no {name}; reinstall it')
 
 
+# -O3: the BatchNorm loops are vectorised only at -O3 with this g++ (12).
+CXXFLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w')
+
+
 def _build() -> pathlib.Path:
-  """The compiled library, built once per source, jaxlib and oneDNN version."""
+  """The compiled library, built once per source, flags, jaxlib and oneDNN version."""
   if platform.system() != 'Linux' or platform.machine() != 'x86_64':
     raise Unavailable(f'oneDNN wheels exist for Linux x86-64, not {platform.system()} '
                       f'{platform.machine()}')
@@ -77,7 +84,8 @@ def _build() -> pathlib.Path:
   if not compiler:
     raise Unavailable('no C++ compiler found (install g++, or set CXX)')
   key = hashlib.sha256(b'\0'.join([
-      SOURCE.read_bytes(), importlib.metadata.version('jaxlib').encode(),
+      SOURCE.read_bytes(), ' '.join(CXXFLAGS).encode(),
+      importlib.metadata.version('jaxlib').encode(),
       importlib.metadata.version('onednn-cpu-gomp').encode(), compiler.encode()]))
   cache = pathlib.Path(os.environ.get('GNET_JAX_CACHE',
                                       pathlib.Path.home() / '.cache' / 'gnet_jax'))
@@ -89,9 +97,9 @@ def _build() -> pathlib.Path:
   # Compiled under a temporary name and renamed: a reader never sees half a library.
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = pathlib.Path(tmp) / target.name
-    command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-               f'-I{jax.ffi.include_dir()}', f'-I{include}', str(SOURCE), '-o', str(out),
-               f'-L{libdnnl.parent}', '-ldnnl', '-lgomp', f'-Wl,-rpath,{libdnnl.parent}']
+    command = [compiler, *CXXFLAGS, f'-I{jax.ffi.include_dir()}', f'-I{include}',
+               str(SOURCE), '-o', str(out), f'-L{libdnnl.parent}', '-ldnnl', '-lgomp',
+               f'-Wl,-rpath,{libdnnl.parent}']
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       raise Unavailable(f'compiling {SOURCE.name} failed:\n{" ".join(command)}\n'
@@ -111,7 +119,7 @@ def available() -> bool:
     # loaded into the process (torch and TensorFlow carry their own).
     library = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
   except (Unavailable, OSError) as e:
-    logging.warning('gnet_jax: CPU convolutions and max pools stay on XLA: %s', e)
+    logging.warning('gnet_jax: CPU convolutions, max pools and BatchNorms stay on XLA: %s', e)
     return False
   for name in _TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
@@ -168,6 +176,18 @@ def _conv_bias_relu_bwd(strides, padding, residuals, dy):
 _conv_bias_relu.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
 
 
+def _dispatch(cpu, default, *args):
+  """cpu(*args) in a program for CPU, default(*args) (XLA's ops) in one for GPU or TPU.
+
+  Where CPU is JAX's default backend, programs are lowered for CPU and `cpu` is called
+  directly: `lax.platform_dependent` traces and differentiates both functions, which took
+  3.5 s of the train step's compile (BENCHMARKS.md, change 11).
+  """
+  if jax.default_backend() == 'cpu':
+    return cpu(*args)
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
 def _on_onednn(x, w, padding) -> bool:
   """Whether onednn_kernels.cc covers this convolution (NHWC x HWIO assumed)."""
   return (x.ndim == 4 and x.dtype == w.dtype == jnp.float32 and not isinstance(padding, str)
@@ -194,8 +214,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return xla(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: _conv(x, w, strides, pads),
-                                default=xla)
+  return _dispatch(lambda x, w: _conv(x, w, strides, pads), xla, lhs, rhs)
 
 
 def conv_bias_relu(x, w, b, strides, padding):
@@ -213,8 +232,7 @@ def conv_bias_relu(x, w, b, strides, padding):
 
   if not (_on_onednn(x, w, padding) and b.dtype == jnp.float32):
     return xla(x, w, b)
-  return lax.platform_dependent(
-      x, w, b, cpu=lambda x, w, b: _conv_bias_relu(x, w, b, strides, padding), default=xla)
+  return _dispatch(lambda x, w, b: _conv_bias_relu(x, w, b, strides, padding), xla, x, w, b)
 
 
 def _pool_call(target: str, results, operands, window: int, stride: int, padding):
@@ -263,6 +281,52 @@ def max_pool(x, window: int, stride: int, padding, *, fallback):
   if not (x.ndim == 4 and x.dtype == jnp.float32 and available()):
     return fallback(x, window, stride, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return lax.platform_dependent(
-      x, cpu=lambda x: _max_pool(x, window, stride, padding, x.shape[1:3]),
-      default=lambda x: fallback(x, window, stride, padding))
+  return _dispatch(lambda x: _max_pool(x, window, stride, padding, x.shape[1:3]),
+                   lambda x: fallback(x, window, stride, padding), x)
+
+
+# The running statistics are updated inside the call; they take no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _batch_norm_relu(x, scale, shift, running_mean, running_var, epsilon, momentum):
+  return _batch_norm_relu_fwd(x, scale, shift, running_mean, running_var, epsilon,
+                              momentum)[0]
+
+
+def _batch_norm_relu_fwd(x, scale, shift, running_mean, running_var, epsilon, momentum):
+  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  y, mean, var, new_mean, new_var = jax.ffi.ffi_call(
+      'GnetBatchNormReluTraining',
+      (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels, channels, channels))(
+          x, scale, shift, running_mean, running_var, epsilon=np.float32(epsilon),
+          momentum=np.float32(momentum))
+  return (y, new_mean, new_var), (x, scale, shift, mean, var)
+
+
+def _batch_norm_relu_bwd(epsilon, momentum, residuals, cotangents):
+  del momentum
+  x, scale, shift, mean, var = residuals
+  dy = cotangents[0]
+  channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  dx, dscale, dshift = jax.ffi.ffi_call(
+      'GnetBatchNormReluBackward',
+      (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels))(
+          dy, x, scale, shift, mean, var, epsilon=np.float32(epsilon))
+  return dx, dscale, dshift, jnp.zeros_like(mean), jnp.zeros_like(var)
+
+
+_batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd)
+
+
+def batch_norm_relu(x, scale, shift, running_mean, running_var, *, epsilon: float,
+                    momentum: float, fallback):
+  """relu(BatchNorm(x)) in training, over the batch of float32 NHWC `x`, on oneDNN on CPU.
+
+  Returns (y, new_running_mean, new_running_var), the running statistics updated as flax
+  does: momentum * running + (1 - momentum) * batch (variance biased). `fallback` takes
+  the same arguments and computes the same on XLA (GPU, TPU, other dtypes).
+  """
+  args = (x, scale, shift, running_mean, running_var)
+  if not (x.ndim == 4 and all(a.dtype == jnp.float32 for a in args) and available()):
+    return fallback(*args)
+  return _dispatch(lambda *a: _batch_norm_relu(*a, float(epsilon), float(momentum)),
+                   fallback, *args)

@@ -1,21 +1,24 @@
-// XLA FFI handlers for GoogLeNet's float32 convolutions and max pools on CPU with oneDNN:
+// XLA FFI handlers for GoogLeNet's float32 convolutions, max pools and BatchNorms on CPU:
 // - the forward, the input gradient and the kernel gradient of an NHWC x HWIO -> NHWC
 //   convolution without dilation or groups, and an inference forward that adds a bias
 //   and applies ReLU as it writes its output;
 // - the forward (with or without the workspace its gradient needs) and the gradient of
-//   an NHWC max pool.
+//   an NHWC max pool;
+// - BatchNorm + ReLU in training, forward and gradient, written out in C++.
 // gnet_jax/onednn.py builds this file and registers the handlers.
 //
 // Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
 // shapes, its max pools and their gradients took a sixth of the train step, and in
-// inference the BatchNorm and ReLU after each convolution are one more pass over memory
-// (BENCHMARKS.md, changes 8-10).
+// inference the BatchNorm and ReLU after each convolution are one more pass over memory;
+// in training XLA compiled each BatchNorm into ~14 kernels (BENCHMARKS.md, changes
+// 8-11).
 //
 // Threads: each call cuts its batch into one chunk per thread of XLA's intra-op pool and
 // runs oneDNN single-threaded on each chunk, on the calling thread and on the pool.
 // oneDNN's own OpenMP team would instead compete for the cores with the XLA ops that run
 // beside the call.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -430,7 +433,192 @@ ffi::Error MaxPoolBackward(ffi::ThreadPool threads, F32 dy, U8 ws,
   });
 }
 
+// BatchNorm + ReLU in training, written out rather than oneDNN's primitive: its statistics
+// are over the whole batch, so the primitive runs on oneDNN's own threads, which compete
+// with the XLA ops running beside it (BENCHMARKS.md, change 11). Here the (rows, channels)
+// array is cut into one slice of rows per thread of XLA's pool, as the convolutions are.
+// The ReLU's mask is recomputed from x in the gradient: no workspace.
+
+// The normalisation as x * a + b per channel, computed alike in forward and backward so
+// that both see the same ReLU mask.
+struct Affine {
+  std::vector<float> a, b, inv;
+
+  Affine(const float* scale, const float* shift, const float* mean, const float* var,
+         int64_t c, float eps) : a(c), b(c), inv(c) {
+    for (int64_t j = 0; j < c; ++j) {
+      inv[j] = 1.0f / std::sqrt(var[j] + eps);
+      a[j] = scale[j] * inv[j];
+      b[j] = shift[j] - mean[j] * a[j];
+    }
+  }
+};
+
+// The loops over rows below are compiled for AVX-512, AVX2 and plain x86-64, the best
+// picked when the library loads: AVX-512 took a quarter off their time on this project's
+// machine (BENCHMARKS.md, change 11). Each vectorises over channels, so every clone adds
+// in the same order.
+#define GNET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Per-channel sums of u and u * x over rows [begin, end) of (rows, c) arrays, added into
+// su and sux: float within blocks of rows, double across them. u is x in the forward, the
+// gradient through the ReLU (mask from x * a + b) in the backward.
+constexpr int64_t kBlock = 128;
+
+GNET_CLONES void AddSums(const float* __restrict x, const float* __restrict dy,
+                         const float* __restrict a, const float* __restrict b, int64_t begin,
+                         int64_t end, int64_t c, double* su, double* sux) {
+  std::vector<float> bu(c), bux(c);
+  for (int64_t r0 = begin; r0 < end; r0 += kBlock) {
+    std::fill(bu.begin(), bu.end(), 0.f);
+    std::fill(bux.begin(), bux.end(), 0.f);
+    float* __restrict u_sum = bu.data();
+    float* __restrict ux_sum = bux.data();
+    for (int64_t r = r0; r < std::min(end, r0 + kBlock); ++r) {
+      const float* __restrict xr = x + r * c;
+      if (dy == nullptr) {
+        for (int64_t j = 0; j < c; ++j) {
+          u_sum[j] += xr[j];
+          ux_sum[j] += xr[j] * xr[j];
+        }
+      } else {
+        const float* __restrict dyr = dy + r * c;
+        for (int64_t j = 0; j < c; ++j) {
+          float d = dyr[j];  // loaded unconditionally: a select, not a branch
+          float u = xr[j] * a[j] + b[j] > 0.f ? d : 0.f;
+          u_sum[j] += u;
+          ux_sum[j] += u * xr[j];
+        }
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      su[j] += u_sum[j];
+      sux[j] += ux_sum[j];
+    }
+  }
+}
+
+// y = relu(x * a + b) over rows [begin, end).
+GNET_CLONES void NormalizeRelu(const float* __restrict x, const float* __restrict a,
+                               const float* __restrict b, int64_t begin, int64_t end,
+                               int64_t c, float* __restrict y) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict xr = x + r * c;
+    float* __restrict yr = y + r * c;
+    for (int64_t j = 0; j < c; ++j) yr[j] = std::max(0.f, xr[j] * a[j] + b[j]);
+  }
+}
+
+// dx = a * u + k1 * x + k0 over rows [begin, end), u the gradient through the ReLU.
+GNET_CLONES void InputGradient(const float* __restrict x, const float* __restrict dy,
+                               const float* __restrict a, const float* __restrict b,
+                               const float* __restrict k1, const float* __restrict k0,
+                               int64_t begin, int64_t end, int64_t c,
+                               float* __restrict dx) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict xr = x + r * c;
+    const float* __restrict dyr = dy + r * c;
+    float* __restrict dxr = dx + r * c;
+    for (int64_t j = 0; j < c; ++j) {
+      float d = dyr[j];
+      float u = xr[j] * a[j] + b[j] > 0.f ? d : 0.f;
+      dxr[j] = a[j] * u + k1[j] * xr[j] + k0[j];
+    }
+  }
+}
+
+// f(i, begin, end) for slice i of `rows` rows, one slice per thread of XLA's pool.
+template <typename F>
+int Slices(ffi::ThreadPool& pool, int64_t rows, F f) {
+  int slices = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(),
+                                                                          rows)));
+  ParallelFor(pool, slices, [&](int i) { f(i, rows * i / slices, rows * (i + 1) / slices); });
+  return slices;
+}
+
+// The per-channel sums of AddSums over all rows.
+void Sums(ffi::ThreadPool& pool, const float* x, const float* dy, const float* a,
+          const float* b, int64_t rows, int64_t c, std::vector<double>& su,
+          std::vector<double>& sux) {
+  int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  std::vector<double> partial(2 * threads * c, 0.0);
+  int slices = Slices(pool, rows, [&](int i, int64_t begin, int64_t end) {
+    AddSums(x, dy, a, b, begin, end, c, &partial[2 * i * c], &partial[(2 * i + 1) * c]);
+  });
+  su.assign(c, 0.0);
+  sux.assign(c, 0.0);
+  for (int i = 0; i < slices; ++i) {
+    for (int64_t j = 0; j < c; ++j) {
+      su[j] += partial[2 * i * c + j];
+      sux[j] += partial[(2 * i + 1) * c + j];
+    }
+  }
+}
+
+ffi::Error BatchNormReluTraining(ffi::ThreadPool pool, F32 x, F32 scale, F32 shift,
+                                 F32 running_mean, F32 running_var,
+                                 ffi::ResultBuffer<ffi::F32> y,
+                                 ffi::ResultBuffer<ffi::F32> mean,
+                                 ffi::ResultBuffer<ffi::F32> var,
+                                 ffi::ResultBuffer<ffi::F32> new_running_mean,
+                                 ffi::ResultBuffer<ffi::F32> new_running_var, float eps,
+                                 float momentum) {
+  return Guarded([&] {
+    int64_t c = scale.element_count(), rows = x.element_count() / c;
+    std::vector<double> sum, sum2;
+    Sums(pool, x.typed_data(), nullptr, nullptr, nullptr, rows, c, sum, sum2);
+    float *m = mean->typed_data(), *v = var->typed_data();
+    for (int64_t j = 0; j < c; ++j) {
+      // flax's: the mean of squares less the squared mean, biased; and its running
+      // averages, momentum * running + (1 - momentum) * batch.
+      double mu = sum[j] / rows;
+      m[j] = static_cast<float>(mu);
+      v[j] = static_cast<float>(std::max(0.0, sum2[j] / rows - mu * mu));
+      new_running_mean->typed_data()[j] =
+          momentum * running_mean.typed_data()[j] + (1 - momentum) * m[j];
+      new_running_var->typed_data()[j] =
+          momentum * running_var.typed_data()[j] + (1 - momentum) * v[j];
+    }
+    Affine f(scale.typed_data(), shift.typed_data(), m, v, c, eps);
+    Slices(pool, rows, [&](int, int64_t begin, int64_t end) {
+      NormalizeRelu(x.typed_data(), f.a.data(), f.b.data(), begin, end, c, y->typed_data());
+    });
+  });
+}
+
+ffi::Error BatchNormReluBackward(ffi::ThreadPool pool, F32 dy, F32 x, F32 scale, F32 shift,
+                                 F32 mean, F32 var, ffi::ResultBuffer<ffi::F32> dx,
+                                 ffi::ResultBuffer<ffi::F32> dscale,
+                                 ffi::ResultBuffer<ffi::F32> dshift, float eps) {
+  return Guarded([&] {
+    int64_t c = scale.element_count(), rows = x.element_count() / c;
+    Affine f(scale.typed_data(), shift.typed_data(), mean.typed_data(), var.typed_data(), c,
+             eps);
+    // With u the gradient through the ReLU and x^ = (x - mean) * inv:
+    // dshift = sum(u), dscale = sum(u * x^), and
+    // dx = a * (u - dshift / rows - x^ * dscale / rows) = a * u + k1 * x + k0.
+    std::vector<double> su, sux;
+    Sums(pool, x.typed_data(), dy.typed_data(), f.a.data(), f.b.data(), rows, c, su, sux);
+    std::vector<float> k1(c), k0(c);
+    for (int64_t j = 0; j < c; ++j) {
+      double mu = mean.typed_data()[j], inv = f.inv[j], a = f.a[j];
+      double ds = inv * (sux[j] - mu * su[j]);
+      dshift->typed_data()[j] = static_cast<float>(su[j]);
+      dscale->typed_data()[j] = static_cast<float>(ds);
+      k1[j] = static_cast<float>(-a * inv * ds / rows);
+      k0[j] = static_cast<float>(-a * su[j] / rows + a * inv * mu * ds / rows);
+    }
+    Slices(pool, rows, [&](int, int64_t begin, int64_t end) {
+      InputGradient(x.typed_data(), dy.typed_data(), f.a.data(), f.b.data(), k1.data(),
+                    k0.data(), begin, end, c, dx->typed_data());
+    });
+  });
+}
+
 }  // namespace
+
+// The bytes of workspace a BatchNorm + ReLU of NHWC shape (n, h, w, c) needs: one bit or
+// one byte per element, depending on the kernel oneDNN picks. Called while tracing.
 
 // Every convolution handler takes two float32 operands and gives one result; `strides`
 // is (rows, columns) and `padding` (top, bottom, left, right).
@@ -485,3 +673,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetMaxPoolBackward, MaxPoolBackward,
                                   .Attr<Ints>("window")
                                   .Attr<Ints>("strides")
                                   .Attr<Ints>("padding"));
+
+// BatchNorm + ReLU in training. Forward: x (NHWC), scale, shift, running mean and variance
+// -> y, the batch's mean and variance, the new running mean and variance.
+// Backward: dy, x, scale, shift, mean, variance -> dx, dscale, dshift.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetBatchNormReluTraining, BatchNormReluTraining,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<float>("momentum"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GnetBatchNormReluBackward, BatchNormReluBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<float>("epsilon"));

@@ -41,7 +41,7 @@ class Predictor:
 
   @functools.cached_property
   def _probabilities(self):
-    # One device: oneDNN's convolutions and pools on CPU (gnet_jax/onednn.py).
+    # One device: oneDNN's convolutions, pools and BatchNorms on CPU (gnet_jax/onednn.py).
     onednn = jax.default_backend() == 'cpu'
     return jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x, **self.model_kwargs,
                                                         onednn=onednn)))

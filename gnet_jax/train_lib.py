@@ -67,7 +67,7 @@ CPU_CONVOLUTIONS = ('auto', 'onednn', 'xla')
 
 
 def use_onednn(config: ml_collections.ConfigDict, num_devices: int) -> bool:
-  """Whether the model's convolutions and max pools go to oneDNN
+  """Whether the model's convolutions, max pools and BatchNorms go to oneDNN and C++
   (config.model.cpu_convolutions).
 
   'auto' picks oneDNN when the step runs on a single CPU device: XLA cannot split its
@@ -432,8 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
              f'{info.num_classes} classes; {num_steps} steps of global batch '
              f'{config.batch_size} on {jax.device_count()} device(s) in '
-             f'{jax.process_count()} process(es); convolutions and max pools on '
-             f"{'oneDNN' if model.onednn and onednn.available() else 'XLA'}.")
+             f'{jax.process_count()} process(es); convolutions, max pools and '
+             f"BatchNorms on {'oneDNN' if model.onednn and onednn.available() else 'XLA'}.")
 
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint_max_to_keep,

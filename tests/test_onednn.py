@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 from jax import lax
+import flax.linen
 import ml_collections
 import numpy as np
 import pytest
@@ -106,11 +107,53 @@ def test_conv_bias_relu_matches_xla(stride, padding):
   assert 'Gnet' not in jax.jit(ours).lower(*bf16).as_text()
 
 
+@pytest.mark.parametrize('shape', [
+    (4, 9, 9, 16),  # rows split evenly between the pool's threads
+    (3, 5, 7, 5),  # odd rows, channels not a multiple of the vector width
+    (1, 2, 3, 130),  # a single image, 6 rows
+])
+def test_batch_norm_relu_matches_flax(shape):
+  """onednn.batch_norm_relu and model.batch_norm_relu (its XLA fallback) compute flax's
+  BatchNorm in training then ReLU: output, running statistics and gradients."""
+  rng = np.random.default_rng(0)
+  c = shape[-1]
+  x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5, jnp.float32)
+  scale, bias = (jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(2))
+  mean, var = jnp.asarray(rng.standard_normal(c), jnp.float32), jnp.full((c,), 0.7)
+  weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  bn = flax.linen.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+
+  def flax_bn(x, scale, bias, mean, var):
+    y, state = bn.apply({'params': {'scale': scale, 'bias': bias},
+                         'batch_stats': {'mean': mean, 'var': var}}, x,
+                        mutable=['batch_stats'])
+    return jax.nn.relu(y), state['batch_stats']['mean'], state['batch_stats']['var']
+
+  xla = functools.partial(model_lib.batch_norm_relu, epsilon=1e-3, momentum=0.9)
+  ours = functools.partial(onednn.batch_norm_relu, epsilon=1e-3, momentum=0.9, fallback=xla)
+
+  def value_and_grads(fn):
+    def loss(x, scale, bias):
+      y, new_mean, new_var = fn(x, scale, bias, mean, var)
+      return jnp.sum(y * weights), (y, new_mean, new_var)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+
+  text = jax.jit(jax.grad(lambda x: ours(x, scale, bias, mean, var)[0].sum())).lower(x).as_text()
+  assert text.count('@GnetBatchNormReluTraining(') == text.count('@GnetBatchNormReluBackward(') == 1
+  expected = value_and_grads(flax_bn)
+  for fn in (xla, ours):
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(value_and_grads(fn))):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+  # bfloat16 stays on XLA.
+  bf16 = [a.astype(jnp.bfloat16) for a in (x, scale, bias, mean, var)]
+  assert 'Gnet' not in jax.jit(ours).lower(*bf16).as_text()
+
+
 @pytest.mark.parametrize('train', [False, True])
 def test_model_same_function_with_and_without_onednn(train):
-  """Every convolution and max pool of the network goes to oneDNN (in inference each
-  conv -> BatchNorm -> ReLU is one fused call), with XLA's outputs and parameter
-  gradients. The gradients are compared as whole arrays (relative Frobenius norm): a
+  """Every convolution, max pool and BatchNorm of the network goes to oneDNN or
+  onednn_kernels.cc (in inference each conv -> BatchNorm -> ReLU is one fused call),
+  with XLA's outputs, running statistics and parameter gradients. The gradients are compared as whole arrays (relative Frobenius norm): a
   rounding difference of 1e-7 that flips a near-tie inside a max pool's window sends
   that window's gradient elsewhere, which moves single entries by more."""
   kwargs = dict(num_classes=10, variant='torchvision', dropout_rate=0.0, aux_dropout_rate=0.0)
@@ -125,14 +168,18 @@ def test_model_same_function_with_and_without_onednn(train):
   # Differentiated, a max pool keeps its maxima's positions (GnetMaxPoolTraining).
   expected_calls = {'@GnetConvForward(': 59 if train else 0,
                     '@GnetConvBiasReluForward(': 0 if train else 57,
-                    '@GnetMaxPoolTraining(': 13, '@GnetMaxPoolBackward(': 13}
+                    '@GnetMaxPoolTraining(': 13, '@GnetMaxPoolBackward(': 13,
+                    '@GnetBatchNormReluTraining(': 59 if train else 0,
+                    '@GnetBatchNormReluBackward(': 59 if train else 0}
 
   def grads_and_outputs(use_onednn):
     def loss(params):
       outputs = model_lib.apply_fn({**variables, 'params': params}, images, train=train,
                                    onednn=use_onednn, **kwargs)
-      outputs = outputs[0] if train else (outputs,)  # logits (and aux logits)
-      return sum(jnp.sum(o * weights) for o in outputs), outputs
+      if train:  # the logits and aux logits, and the new running statistics
+        logits, stats = outputs
+        return sum(jnp.sum(o * weights) for o in logits), outputs
+      return jnp.sum(outputs * weights), outputs
     lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables['params'])
     text = lowered.as_text()
     for target, count in expected_calls.items():
@@ -147,10 +194,34 @@ def test_model_same_function_with_and_without_onednn(train):
   # In training, BatchNorm over 2 images (8 values per channel at 4e's 2x2) magnifies
   # rounding differences tenfold.
   rtol = 1e-3 if train else 1e-4
-  for o, e in zip(outputs, outputs_xla):
+  for o, e in zip(jax.tree.leaves(outputs), jax.tree.leaves(outputs_xla)):
     np.testing.assert_allclose(o, e, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(e))) / 10)
   for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_xla)):
     assert np.linalg.norm(g - e) <= 2e-2 * np.linalg.norm(e) + 1e-12, jax.tree_util.keystr(path)
+
+
+def test_programs_for_gpu_and_tpu_get_xla_ops(monkeypatch):
+  """Where CPU is not JAX's default backend, every wrapper chooses at lowering: its
+  oneDNN call in a program lowered for CPU, XLA's ops in one lowered for a GPU."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 4)), jnp.float32)
+  ones = jnp.ones(4)
+  pad = ((1, 1), (1, 1))
+
+  def loss(x, w):
+    y = onednn.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=NHWC)
+    y, _, _ = onednn.batch_norm_relu(
+        y, ones, ones, ones, ones, epsilon=1e-3, momentum=0.9,
+        fallback=functools.partial(model_lib.batch_norm_relu, epsilon=1e-3, momentum=0.9))
+    y = onednn.max_pool(y, 3, 2, pad, fallback=model_lib.max_pool)
+    return onednn.conv_bias_relu(y, w, ones, (1, 1), pad).sum()
+
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w)
+  # conv forward, input and kernel gradients; BatchNorm forward and gradient; pool
+  # forward and gradient; the fused conv (its gradient is the conv's two).
+  assert traced.lower(lowering_platforms=('cpu',)).as_text().count('@Gnet') == 10
+  assert '@Gnet' not in traced.lower(lowering_platforms=('cuda',)).as_text()
 
 
 def test_auto_uses_onednn_on_one_cpu_device_only():
