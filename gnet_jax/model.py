@@ -104,8 +104,8 @@ class BasicConv(nn.Module):
     if not self.use_bn:
       return nn.relu(x)
     if self.onednn and train and not self.is_initializing() and x.dtype == jnp.float32:
-      # The batch statistics, normalisation and ReLU as one oneDNN call each way, on
-      # flax's BatchNorm's variables.
+      # The batch statistics, normalisation and ReLU as one C++ call each way
+      # (onednn_kernels.cc), on flax's BatchNorm's variables.
       bn, stats = self.variables['params']['bn'], self.variables['batch_stats']['bn']
       x, mean, var = onednn.batch_norm_relu(
           x, bn['scale'], bn['bias'], stats['mean'], stats['var'], epsilon=self.bn_epsilon,
@@ -367,7 +367,7 @@ class GoogLeNet(nn.Module):
     onednn: float32 convolutions, max pools and BatchNorms on CPU through oneDNN and
       C++ (`gnet_jax.onednn`), and in inference each conv -> BatchNorm -> ReLU as one
       call: the same function, faster and quicker to compile (BENCHMARKS.md, changes
-      8-11). Elsewhere, or where oneDNN cannot be built, XLA's. For programs on one
+      8-12). Elsewhere, or where oneDNN cannot be built, XLA's. For programs on one
       device only: XLA cannot split the calls over devices.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a

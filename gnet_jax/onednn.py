@@ -181,7 +181,7 @@ def _dispatch(cpu, default, *args):
 
   Where CPU is JAX's default backend, programs are lowered for CPU and `cpu` is called
   directly: `lax.platform_dependent` traces and differentiates both functions, which took
-  3.5 s of the train step's compile (BENCHMARKS.md, change 11).
+  3.5 s of the train step's compile (BENCHMARKS.md, change 12).
   """
   if jax.default_backend() == 'cpu':
     return cpu(*args)
@@ -319,7 +319,8 @@ _batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd)
 
 def batch_norm_relu(x, scale, shift, running_mean, running_var, *, epsilon: float,
                     momentum: float, fallback):
-  """relu(BatchNorm(x)) in training, over the batch of float32 NHWC `x`, on oneDNN on CPU.
+  """relu(BatchNorm(x)) in training, over the batch of float32 NHWC `x`; on CPU two calls
+  (forward, backward) of onednn_kernels.cc's own loops.
 
   Returns (y, new_running_mean, new_running_var), the running statistics updated as flax
   does: momentum * running + (1 - momentum) * batch (variance biased). `fallback` takes
