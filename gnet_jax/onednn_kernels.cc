@@ -18,8 +18,8 @@
 // oneDNN's own OpenMP team would instead compete for the cores with the XLA ops that run
 // beside the call.
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -527,22 +527,25 @@ GNET_CLONES void InputGradient(const float* __restrict x, const float* __restric
   }
 }
 
-// f(i, begin, end) for slice i of `rows` rows, one slice per thread of XLA's pool.
+// One slice of `rows` rows per thread of XLA's pool (at least one row each).
+int SliceCount(ffi::ThreadPool& pool, int64_t rows) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows)));
+}
+
+// f(i, begin, end) for each slice i.
 template <typename F>
-int Slices(ffi::ThreadPool& pool, int64_t rows, F f) {
-  int slices = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(),
-                                                                          rows)));
+void Slices(ffi::ThreadPool& pool, int64_t rows, F f) {
+  int slices = SliceCount(pool, rows);
   ParallelFor(pool, slices, [&](int i) { f(i, rows * i / slices, rows * (i + 1) / slices); });
-  return slices;
 }
 
 // The per-channel sums of AddSums over all rows.
 void Sums(ffi::ThreadPool& pool, const float* x, const float* dy, const float* a,
           const float* b, int64_t rows, int64_t c, std::vector<double>& su,
           std::vector<double>& sux) {
-  int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
-  std::vector<double> partial(2 * threads * c, 0.0);
-  int slices = Slices(pool, rows, [&](int i, int64_t begin, int64_t end) {
+  int slices = SliceCount(pool, rows);
+  std::vector<double> partial(2 * slices * c, 0.0);
+  Slices(pool, rows, [&](int i, int64_t begin, int64_t end) {
     AddSums(x, dy, a, b, begin, end, c, &partial[2 * i * c], &partial[(2 * i + 1) * c]);
   });
   su.assign(c, 0.0);
@@ -616,9 +619,6 @@ ffi::Error BatchNormReluBackward(ffi::ThreadPool pool, F32 dy, F32 x, F32 scale,
 }
 
 }  // namespace
-
-// The bytes of workspace a BatchNorm + ReLU of NHWC shape (n, h, w, c) needs: one bit or
-// one byte per element, depending on the kernel oneDNN picks. Called while tracing.
 
 // Every convolution handler takes two float32 operands and gives one result; `strides`
 // is (rows, columns) and `padding` (top, bottom, left, right).
