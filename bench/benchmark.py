@@ -15,7 +15,10 @@ persistent cache is off unless --compilation_cache_dir names one) and its memory
 own. "train host MB" is the peak resident memory while building, compiling and training
 minus the resident memory after the imports (Linux: VmHWM reset after the imports);
 "peak host MB" is the absolute peak; on GPU also the device's peak. Times are the median
-of --steps steps after --warmup untimed ones, each synchronised with the device.
+of --steps steps after --warmup untimed ones, each synchronised with the device; the
+JAX train step runs as train.py runs it, config.steps_per_execution steps per call
+(configs/cpu.py's on CPU, 1 elsewhere; --steps_per_execution), and then each timed
+"step" is one call, divided by the steps in it.
 Results go to <out>/results.json and results.md (with a description of the machine);
 several --batch_sizes also print the cost per image and write curve.png.
 """
@@ -55,6 +58,7 @@ class Case:
   cpu_convolutions: str = 'auto'  # config.model.cpu_convolutions of the JAX case
   torch_compile_backend: str = 'inductor'
   compilation_cache_dir: str = ''  # JAX's persistent cache; '' compiles cold
+  steps_per_execution: int = 0  # train steps per call of the JAX case; 0: train.py's
 
   @property
   def name(self) -> str:
@@ -115,7 +119,7 @@ def run_jax(case: Case) -> dict:
   import jax
   if case.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', case.compilation_cache_dir)
-  from configs import default
+  from configs import cpu, default
   from gnet_jax import onednn, train_lib
   from gnet_jax.model import apply_fn
   # pylint: enable=import-outside-toplevel
@@ -127,6 +131,9 @@ def run_jax(case: Case) -> dict:
   config.model.variant = case.variant
   config.model.dtype = case.dtype
   config.model.cpu_convolutions = case.cpu_convolutions
+  k = case.steps_per_execution or (
+      cpu.get_config().steps_per_execution if jax.default_backend() == 'cpu' else 1)
+  config.steps_per_execution = k
   model = train_lib.create_model(config, NUM_CLASSES)
   lr_fn = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
   tx = train_lib.create_optimizer(config, lr_fn)
@@ -136,20 +143,24 @@ def run_jax(case: Case) -> dict:
   images, labels = synthetic_batch(case)
   batch = sharding.global_batch({'image': images.astype(case.dtype),
                                  'label': labels.astype(np.int32)})
+  batches = sharding.stacked_batches([jax.device_get(batch)] * k, k)
   state = init()
 
   start = time.perf_counter()
-  train = train_fn.lower(state, batch).compile()
+  train = train_fn.lower(state, batches, np.int32(k)).compile()
   train_compile_s = time.perf_counter() - start
   cpu_tuning.release_freed_host_memory()  # as train_lib's loop does
+  # One step's: XLA counts a loop's body once when its trip count is not a constant.
   flops = (train.cost_analysis() or {}).get('flops')
 
   def train_once():
     nonlocal state
-    state, metrics = train(state, batch)
+    state, metrics = train(state, batches, np.int32(k))
     return metrics
-  train_times = time_steps(train_once, jax.block_until_ready, case.steps, case.warmup)
+  train_times = [t / k for t in time_steps(train_once, jax.block_until_ready, case.steps,
+                                           case.warmup)]
   result = {'train_times': train_times, 'train_compile_s': train_compile_s,
+            'steps_per_execution': k,
             'train_flops': float(flops) if flops else None, 'host_baseline_mb': baseline_mb,
             'peak_host_mb': host_peak_mb()}
 
@@ -392,6 +403,9 @@ def parse_args(argv=None):
                       help="JAX's persistent compilation cache for the JAX cases: the "
                       'second run with the same directory shows the warm compile time '
                       "(train.py's default); without it every compile is cold")
+  parser.add_argument('--steps_per_execution', type=int, default=0,
+                      help="the JAX train step's config.steps_per_execution; 0: as "
+                      "train.py's configs (configs/cpu.py's on CPU, 1 elsewhere)")
   parser.add_argument('--out', default='bench/results',
                       help='directory for results.json, results.md (and curve.png)')
   parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
@@ -411,7 +425,8 @@ def cases_of(args) -> list[Case]:
                 fast_cpu_flags=not args.no_fast_cpu_flags,
                 cpu_convolutions=args.cpu_convolutions,
                 torch_compile_backend=args.torch_compile_backend,
-                compilation_cache_dir=args.compilation_cache_dir)
+                compilation_cache_dir=args.compilation_cache_dir,
+                steps_per_execution=args.steps_per_execution)
   cases = []
   for batch_size in args.batch_sizes:
     cases.append(Case('jax', 'jit', batch_size=batch_size, **common))

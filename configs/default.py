@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4  # On conv and dense kernels; never on BatchNorm or biases.
   config.label_smoothing = 0.1
   config.grad_clip_norm = 0.0  # > 0 clips gradients to this global norm.
+  # Train steps per jitted call (Keras's steps_per_execution): the call's set-up, on CPU
+  # mostly page faults on XLA's fresh temporaries, is paid once for all of them. Calls
+  # end at every log, eval and checkpoint step; the result is the same for any value.
+  config.steps_per_execution = 1
 
   # --- What a person sees (gnet_jax/metrics.py) ---
   config.log_every_steps = 100  # Train metrics to TensorBoard and metrics.jsonl.

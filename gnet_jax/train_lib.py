@@ -3,7 +3,8 @@
 Data parallelism is `jax.jit` over a one-axis `Mesh` ('data') spanning every device of
 every process: the batch is sharded on 'data', parameters and optimizer state are
 replicated, so BatchNorm statistics and gradients are over the global batch without
-any `axis_name`. The steps are pure functions of (state, batch).
+any `axis_name`. The steps are pure functions of (state, batch); `train_steps` runs
+config.steps_per_execution of them per call.
 
 Checkpoints (gnet_jax/checkpoint.py) hold the whole state and the metrics logged since the
 last log point; a run resumes from the newest good one, and because dropout is
@@ -241,6 +242,27 @@ def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
   return new_state, metrics
 
 
+def train_steps(state: TrainState, batches, num_steps, *, step_fn):
+  """`num_steps` (1 to K) steps of `step_fn` in one call, on the first `num_steps` of K
+  stacked batches (leading axis K); returns (new state, each metric stacked over K, the
+  rows from num_steps on zero).
+
+  XLA allocates a program's temporaries afresh for each call, and on CPU the train step's
+  ~850 MB of them cost ~0.35 s of page faults per call at batch 32; K steps per call
+  (config.steps_per_execution) pay that once (BENCHMARKS.md, change 13).
+  """
+  k = jax.tree.leaves(batches)[0].shape[0]
+  nth = lambda i: jax.tree.map(lambda x: x[i], batches)
+  _, metrics_shape = jax.eval_shape(step_fn, state, nth(0))
+  history = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), metrics_shape)
+
+  def body(i, carry):
+    state, history = carry
+    state, metrics = step_fn(state, nth(i))
+    return state, jax.tree.map(lambda h, m: h.at[i].set(m), history, metrics)
+  return jax.lax.fori_loop(0, num_steps, body, (state, history))
+
+
 def eval_step(state: TrainState, batch, *, model: GoogLeNet):
   """Sums over the unmasked examples of a (padded) eval batch."""
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
@@ -262,31 +284,45 @@ def eval_step(state: TrainState, batch, *, model: GoogLeNet):
 class Sharding:
   mesh: Mesh
   data: NamedSharding  # batch axis split over every device of every process
+  stacked: NamedSharding  # K stacked batches (train_steps): their batch axis split
   replicated: NamedSharding
 
   @classmethod
   def create(cls, devices=None) -> 'Sharding':
     devices = np.asarray(devices if devices is not None else jax.devices())
     mesh = Mesh(devices.reshape(-1), ('data',))
-    return cls(mesh, NamedSharding(mesh, P('data')), NamedSharding(mesh, P()))
+    return cls(mesh, NamedSharding(mesh, P('data')), NamedSharding(mesh, P(None, 'data')),
+               NamedSharding(mesh, P()))
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's slice of the batch -> global arrays sharded on 'data'."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data, x),
                         local_batch)
 
+  def stacked_batches(self, local_batches: list[dict], k: int) -> dict:
+    """This process's slices of up to k batches -> k stacked global batches (train_steps's
+    input); fewer than k are padded with copies of the last, which train_steps skips."""
+    padded = local_batches + local_batches[-1:] * (k - len(local_batches))
+    return jax.tree.map(
+        lambda *xs: jax.make_array_from_process_local_data(self.stacked, np.stack(xs)),
+        *padded)
+
 
 def compile_steps(config, model, tx, learning_rate_fn, sharding: Sharding, image_size: int):
-  """(init, train_step, eval_step), jitted onto the mesh; the state is donated."""
+  """(init, train_steps, eval_step), jitted onto the mesh; the state is donated.
+
+  train_steps(state, batches, num_steps) takes config.steps_per_execution stacked batches
+  (Sharding.stacked_batches) and runs the first num_steps of them.
+  """
   init = jax.jit(functools.partial(create_train_state, config, model, tx, image_size),
                  out_shardings=sharding.replicated)
   state_sharding = jax.tree.map(lambda _: sharding.replicated, jax.eval_shape(init))
-  train = jax.jit(
-      functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=config.label_smoothing,
-                        skip_nonfinite=config.skip_nonfinite_steps),
-      in_shardings=(state_sharding, sharding.data),
-      out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
+  step_fn = functools.partial(train_step, model=model, learning_rate_fn=learning_rate_fn,
+                              label_smoothing=config.label_smoothing,
+                              skip_nonfinite=config.skip_nonfinite_steps)
+  train = jax.jit(functools.partial(train_steps, step_fn=step_fn),
+                  in_shardings=(state_sharding, sharding.stacked, sharding.replicated),
+                  out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model),
                      in_shardings=(state_sharding, sharding.data),
                      out_shardings=sharding.replicated)
@@ -347,7 +383,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
 
 
 class _Preemption:
-  """SIGTERM (how clusters announce preemption) sets a flag the loop checks after each step.
+  """SIGTERM (how clusters announce preemption) sets a flag the loop checks after each call.
 
   With several processes JAX's own preemption service (`reached_preemption_sync_point`,
   through Orbax) decides instead, so that every process stops at the same step.
@@ -415,6 +451,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   info = input_pipeline.get_dataset_info(config)
   input_pipeline.check_batch_size(config.batch_size, jax.process_count(), jax.device_count())
   steps_per_epoch, num_steps = resolve_steps(config, info)
+  if config.steps_per_execution < 1:
+    raise ValueError('config.steps_per_execution (train steps per call) must be >= 1, got '
+                     f'{config.steps_per_execution}.')
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.num_train_steps = num_steps
@@ -443,7 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   abstract_state = jax.eval_shape(init)
   restored = checkpointer.restore_latest(
       checkpoint_lib.abstract_tree(abstract_state, sharding.replicated), run_fields)
-  window = []  # train metrics of the steps since the last log point
+  window = []  # train metrics (host) of the steps since the last log point...
+  pending = []  # ...and those still on the device: (stacked metrics, number of steps)
   if restored is None:
     state = init()
     start_step = 0
@@ -462,9 +502,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt_every = config.checkpoint_every_steps
   preemption = _Preemption(checkpointer, install=jax.process_count() == 1)
 
+  def fetch_window():
+    nonlocal window, pending
+    for history, n in jax.device_get(pending):  # the only host sync on the train path
+      window += [{k: v[i] for k, v in history.items()} for i in range(n)]
+    pending = []
+
   def save(step, eval_metrics=None):
-    nonlocal window
-    window = jax.device_get(window)
+    fetch_window()
     bad = _first_bad_step(window, step - len(window) + 1)
     if bad is not None:
       raise _nan_error(bad[0], bad[1], checkpointer)
@@ -484,24 +529,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
     log_every = config.log_every_steps
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else num_steps
+    k = config.steps_per_execution
+    # Calls end at every log, eval and checkpoint step, so those see the state of that step.
+    boundaries = [b for b in (log_every, eval_every, ckpt_every) if b > 0]
     progress = writer.progress(start_step, num_steps)
     window_start = time.perf_counter()
-    for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.global_batch(next(train_iter))
-      if step == start_step + 1:
+    step = start_step
+    while step < num_steps:
+      n = min(k, num_steps - step, *(b - step % b for b in boundaries))
+      batches = sharding.stacked_batches([next(train_iter) for _ in range(n)], k)
+      if step == start_step:
         # Compiled ahead of the first step so that the compiler's freed memory goes back
         # to the OS before the step allocates its own (a lower peak on CPU).
         start = time.perf_counter()
         with _persistent_cache_hits() as hits:
-          train_fn = train_fn.lower(state, batch).compile()
+          train_fn = train_fn.lower(state, batches, np.int32(n)).compile()
         writer.log(f'Compiled the train step in {time.perf_counter() - start:.1f} s'
                    + (' (from the persistent compilation cache).' if hits else '.'))
         cpu_tuning.release_freed_host_memory()
-      state, step_metrics = train_fn(state, batch)
-      window.append(step_metrics)
-      progress.update()
+      state, history = train_fn(state, batches, np.int32(n))
+      pending.append((history, n))
+      step += n
+      progress.update(n)
       if step % log_every == 0 or step == num_steps:
-        window = jax.device_get(window)  # the only host sync on the train path
+        fetch_window()
         bad = _first_bad_step(window, step - len(window) + 1)
         if bad is not None:
           raise _nan_error(bad[0], bad[1], checkpointer)
@@ -527,7 +578,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        f"top5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f} "
                        f"({eval_metrics['count']} examples)")
         window_start = time.perf_counter()  # eval time is not train throughput
-      preempted = preemption.reached(step)
+      # Each step is offered to the preemption check, as multi-process JAX expects.
+      preempted = any(preemption.reached(s) for s in range(step - n + 1, step + 1))
       if (preempted or step == num_steps or eval_metrics is not None
           or (ckpt_every > 0 and step % ckpt_every == 0)):
         save(step, eval_metrics)

@@ -85,6 +85,28 @@ def test_a_few_steps_write_metrics_events_and_curves(short_run):
     assert json.load(f)['num_train_steps'] == 3
 
 
+def test_several_steps_per_call_train_the_same(digits_data_dir, tmp_path):
+  """config.steps_per_execution changes how steps are dispatched, not what they compute;
+  calls end at log and eval steps (here 3, 1, 3 steps of 7)."""
+  def run(k):
+    config = quickstart.get_config()
+    config.data_dir = digits_data_dir
+    config.num_train_steps, config.batch_size, config.steps_per_execution = 7, 8, k
+    config.log_every_steps, config.eval_every_steps = 4, 7
+    workdir = str(tmp_path / f'k{k}')
+    return workdir, train_lib.train_and_evaluate(config, workdir)
+
+  (one_dir, one), (three_dir, three) = run(1), run(3)
+  assert int(three.step) == 7
+  assert [r['step'] for r in metrics.read_metrics(three_dir)] == [4, 7, 7]
+  for r3, r1 in zip(metrics.read_metrics(three_dir), metrics.read_metrics(one_dir)):
+    assert r3.keys() == r1.keys()
+    for name in {'loss', 'top1', 'top5', 'lr'} & r1.keys():
+      np.testing.assert_allclose(r3[name], r1[name], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               three.params, one.params)
+
+
 def test_tensorboard_events_hold_the_scalars(short_run):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   workdir, _ = short_run
@@ -114,12 +136,15 @@ def free_port():
 
 def test_two_processes_match_one(digits_data_dir, tmp_path):
   port = free_port()
-  procs = [start_train(tiny_overrides(digits_data_dir, tmp_path / 'multi') + [
+  # One call of three steps (configs/cpu.py: up to five per call), logged once.
+  overrides = lambda workdir: tiny_overrides(digits_data_dir, workdir) + [
+      '--config.log_every_steps=3']
+  procs = [start_train(overrides(tmp_path / 'multi') + [
       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'])
            for i in range(2)]
   outs = [finish(p) for p in procs]
   assert 'in 2 process(es)' in outs[0]
-  single = run_train(tiny_overrides(digits_data_dir, tmp_path / 'single'), devices=2)
+  single = run_train(overrides(tmp_path / 'single'), devices=2)
   del single
   np.testing.assert_allclose(train_losses(tmp_path / 'multi'), train_losses(tmp_path / 'single'),
                              rtol=2e-4)
