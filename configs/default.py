@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 0.0  # > 0 clips gradients to this global norm.
   # Train steps per jitted call (Keras's steps_per_execution): the call's set-up, on CPU
   # mostly page faults on XLA's fresh temporaries, is paid once for all of them. Calls
-  # end at every log, eval and checkpoint step; the result is the same for any value.
+  # end at every log, eval and checkpoint step; training is the same for any value.
   config.steps_per_execution = 1
 
   # --- What a person sees (gnet_jax/metrics.py) ---
