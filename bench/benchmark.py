@@ -141,9 +141,9 @@ def run_jax(case: Case) -> dict:
   init, train_fn, _ = train_lib.compile_steps(config, model, tx, lr_fn, sharding,
                                               case.image_size)
   images, labels = synthetic_batch(case)
-  batch = sharding.global_batch({'image': images.astype(case.dtype),
-                                 'label': labels.astype(np.int32)})
-  batches = sharding.stacked_batches([jax.device_get(batch)] * k, k)
+  local = {'image': images.astype(case.dtype), 'label': labels.astype(np.int32)}
+  batch = sharding.global_batch(local)
+  batches = sharding.stacked_batches([local] * k, k)
   state = init()
 
   start = time.perf_counter()
@@ -328,6 +328,8 @@ def markdown(results: list[dict], machine: dict) -> str:
   devices = sorted({r['device'] for r in results})
   flags = sorted({r['xla_flags'] for r in results if 'xla_flags' in r})
   convolutions = sorted({r['convolutions'] for r in results if 'convolutions' in r})
+  per_call = sorted({str(r['steps_per_execution']) for r in results
+                     if 'steps_per_execution' in r})
   caches = ', '.join(sorted({r['compilation_cache_dir'] for r in results
                              if r['framework'] == 'jax' and r.get('compilation_cache_dir')}))
   lines += ['', f"Machine: {machine['cpu']}, {machine['cores']} cores, "
@@ -335,6 +337,7 @@ def markdown(results: list[dict], machine: dict) -> str:
                 f"Python {machine['python']}; {versions}; devices: {', '.join(devices)}; "
                 f"XLA_FLAGS of the JAX runs: {' / '.join(repr(f) for f in flags)}; "
                 f"their convolutions: {' / '.join(convolutions)}; "
+                f"their train steps per call: {' / '.join(per_call)}; "
                 f"JAX compilation cache: {caches or 'none (cold compiles)'}."]
   return '\n'.join(lines) + '\n'
 

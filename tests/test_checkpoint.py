@@ -42,7 +42,8 @@ def overrides(data_dir, workdir, steps=STEPS, every=3, log_every=2, eval_every=0
   return [f'--workdir={workdir}', f'--config.data_dir={data_dir}',
           f'--config.num_train_steps={steps}', '--config.batch_size=16',
           f'--config.log_every_steps={log_every}', f'--config.eval_every_steps={eval_every}',
-          f'--config.checkpoint_every_steps={every}']
+          f'--config.checkpoint_every_steps={every}',
+          '--config.steps_per_execution=2']  # calls of 1 and 2 steps between the saves
 
 
 def env_for(devices):

@@ -136,9 +136,9 @@ def free_port():
 
 def test_two_processes_match_one(digits_data_dir, tmp_path):
   port = free_port()
-  # One call of three steps (configs/cpu.py: up to five per call), logged once.
+  # One call of three steps, logged once.
   overrides = lambda workdir: tiny_overrides(digits_data_dir, workdir) + [
-      '--config.log_every_steps=3']
+      '--config.log_every_steps=3', '--config.steps_per_execution=3']
   procs = [start_train(overrides(tmp_path / 'multi') + [
       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'])
            for i in range(2)]
