@@ -14,7 +14,10 @@ gradients took a sixth of the train step, and its BatchNorms were ~850 of the st
 - `batch_norm_relu` is a training-mode BatchNorm (flax's arithmetic) and ReLU, one call
   forward and one backward.
 On CPU they call `onednn_kernels.cc`; elsewhere (GPU, TPU) and for what that file does
-not cover (other dtypes, dilation, groups, other layouts) they are XLA's.
+not cover (other dtypes, dilation, groups, other layouts) they are XLA's. The 3x3
+convolutions at stride 1 with 64 or more channels (most of GoogLeNet's arithmetic) run as
+Winograd F(2x2, 3x3) in that file, 1.1-1.5x oneDNN's direct convolution, forward and
+input gradient (change 14); `GNET_JAX_WINOGRAD=0` keeps them on oneDNN's.
 
 The C++ file is compiled on first use with the system's C++ compiler against the oneDNN
 of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (requirements.txt) and kept in
@@ -68,8 +71,9 @@ def _package_file(dist: str, name: str) -> pathlib.Path:
   raise Unavailable(f'{dist} has no {name}; reinstall it')
 
 
-# -O3: the BatchNorm loops are vectorised only at -O3 with this g++ (12).
-CXXFLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w')
+# -O3: the BatchNorm loops are vectorised only at -O3 with this g++ (12); -fopenmp-simd
+# honours the Winograd transforms' `omp simd` loops (no OpenMP runtime involved).
+CXXFLAGS = ('-O3', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
 
 
 def _build() -> pathlib.Path:

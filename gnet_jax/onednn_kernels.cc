@@ -4,7 +4,8 @@
 //   and applies ReLU as it writes its output;
 // - the forward (with or without the workspace its gradient needs) and the gradient of
 //   an NHWC max pool;
-// - BatchNorm + ReLU in training, forward and gradient, written out in C++.
+// - BatchNorm + ReLU in training, forward and gradient, written out in C++;
+// - Winograd F(2x2, 3x3) for the 3x3 convolutions it is faster on (namespace winograd).
 // gnet_jax/onednn.py builds this file and registers the handlers.
 //
 // Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <map>
 #include <memory>
@@ -206,6 +208,158 @@ memory At(const memory::desc& chunk, void* data, int i) {
   return memory(chunk, Engine(), static_cast<char*>(data) + i * chunk.get_size());
 }
 
+// Winograd F(2x2, 3x3): a 3x3 convolution at stride 1, padding 1, computed on 4x4 input
+// tiles that each give a 2x2 output tile, as 16 matrix products of (tiles x in) by
+// (in x out) channels: 16 multiplications per tile and channel pair where the direct
+// convolution does 36. oneDNN 3.2 has no float32 Winograd on x86-64; here it is 1.1-1.6x
+// oneDNN's direct convolution on GoogLeNet's 3x3 layers, with errors of the direct
+// convolution's order (BENCHMARKS.md, change 14). Transforms from Lavin & Gray (2015).
+namespace winograd {
+
+// Tiles per block: a block's transformed input and products (~1-2 MB) stay in L2.
+constexpr int64_t kTileBlock = 64;
+
+// Where it beats the direct convolution, measured on GoogLeNet's layers at 16 images per
+// thread: 1.1-1.5x from 64 input channels up; slower with 32-48 input channels, or on odd
+// sizes (7x7), where a quarter of the last tiles' outputs are thrown away.
+// GNET_JAX_WINOGRAD=0 (read on every call) keeps those on the direct convolution too.
+bool Covers(const Geometry& g, int64_t in_channels, int64_t out_channels) {
+  const char* setting = std::getenv("GNET_JAX_WINOGRAD");
+  if (setting && std::string(setting) == "0") return false;
+  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.pt == 1 && g.pb == 1 &&
+         g.pl == 1 && g.pr == 1 && g.oh == g.h && g.ow == g.w && g.h % 2 == 0 &&
+         g.w % 2 == 0 && in_channels >= 64 && out_channels >= 64;
+}
+
+// The transforms' loops, compiled for each of these and picked for the CPU at load time.
+#define GNET_VECTORISED __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// u[16][c][o] = G k G^T for each channel pair of the HWIO kernel k (3 x 3 x c x o).
+GNET_VECTORISED std::vector<float> TransformKernel(const float* k, int64_t c, int64_t o) {
+  std::vector<float> u(16 * c * o);
+  const int64_t e = c * o;  // stride between the 16 transformed elements
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float* r[3][3];
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) r[i][j] = k + ((i * 3 + j) * c + ci) * o;
+    float* __restrict out = u.data() + ci * o;
+#pragma omp simd
+    for (int64_t oi = 0; oi < o; ++oi) {
+      float t[4][3];
+      for (int j = 0; j < 3; ++j) {
+        float k0 = r[0][j][oi], k1 = r[1][j][oi], k2 = r[2][j][oi];
+        t[0][j] = k0;
+        t[1][j] = 0.5f * (k0 + k1 + k2);
+        t[2][j] = 0.5f * (k0 - k1 + k2);
+        t[3][j] = k2;
+      }
+      for (int i = 0; i < 4; ++i) {
+        out[(4 * i + 0) * e + oi] = t[i][0];
+        out[(4 * i + 1) * e + oi] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+        out[(4 * i + 2) * e + oi] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+        out[(4 * i + 3) * e + oi] = t[i][2];
+      }
+    }
+  }
+  return u;
+}
+
+// The kernel whose convolution with dy gives dx: rotated 180 degrees, in and out swapped.
+std::vector<float> InputGradientKernel(const float* k, int64_t c, int64_t o) {
+  std::vector<float> flipped(9 * o * c);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int64_t ci = 0; ci < c; ++ci)
+        for (int64_t oi = 0; oi < o; ++oi)
+          flipped[((i * 3 + j) * o + oi) * c + ci] = k[(((2 - i) * 3 + (2 - j)) * c + ci) * o + oi];
+  return flipped;
+}
+
+// y = conv(x, kernel) (+ bias, ReLU) for NHWC x (n x h x w x c) and y (n x h x w x o),
+// u the kernel's transform; single-threaded, in this thread's scratch.
+// This thread's transformed input, products, padding and the outputs past an odd edge.
+thread_local std::vector<float> v, m, zeros, discard;
+
+GNET_VECTORISED void Convolve(const float* x, int64_t n, int64_t h, int64_t w, int64_t c,
+                              const float* u, int64_t o, const float* bias, bool relu,
+                              float* y) {
+  v.resize(16 * kTileBlock * c);
+  m.resize(16 * kTileBlock * o);
+  zeros.assign(c, 0.f);
+  discard.resize(o);
+  const int64_t th = (h + 1) / 2, tw = (w + 1) / 2, tiles = n * th * tw;
+  const int64_t ve = kTileBlock * c, me = kTileBlock * o;
+  for (int64_t t0 = 0; t0 < tiles; t0 += kTileBlock) {
+    const int64_t block = std::min(kTileBlock, tiles - t0);
+    for (int64_t t = 0; t < block; ++t) {  // v = B^T d B
+      int64_t img = (t0 + t) / (th * tw), r = (t0 + t) % (th * tw);
+      int64_t top = 2 * (r / tw) - 1, left = 2 * (r % tw) - 1;
+      const float* d[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          int64_t row = top + i, col = left + j;
+          d[i][j] = row >= 0 && row < h && col >= 0 && col < w
+                        ? x + ((img * h + row) * w + col) * c : zeros.data();
+        }
+      float* __restrict out = v.data() + t * c;
+#pragma omp simd
+      for (int64_t ci = 0; ci < c; ++ci) {
+        float s[4][4];
+        for (int j = 0; j < 4; ++j) {
+          float d0 = d[0][j][ci], d1 = d[1][j][ci], d2 = d[2][j][ci], d3 = d[3][j][ci];
+          s[0][j] = d0 - d2;
+          s[1][j] = d1 + d2;
+          s[2][j] = d2 - d1;
+          s[3][j] = d1 - d3;
+        }
+        for (int i = 0; i < 4; ++i) {
+          out[(4 * i + 0) * ve + ci] = s[i][0] - s[i][2];
+          out[(4 * i + 1) * ve + ci] = s[i][1] + s[i][2];
+          out[(4 * i + 2) * ve + ci] = s[i][2] - s[i][1];
+          out[(4 * i + 3) * ve + ci] = s[i][1] - s[i][3];
+        }
+      }
+    }
+    for (int e = 0; e < 16; ++e)  // m[e] = v[e] u[e]: (block x c) by (c x o), row-major
+      dnnl::sgemm('N', 'N', block, o, c, 1.f, v.data() + e * ve, c, u + e * c * o, o, 0.f,
+                  m.data() + e * me, o);
+    for (int64_t t = 0; t < block; ++t) {  // y = A^T m A (+ bias, ReLU)
+      int64_t img = (t0 + t) / (th * tw), r = (t0 + t) % (th * tw);
+      int64_t row = 2 * (r / tw), col = 2 * (r % tw);
+      float* y00 = y + ((img * h + row) * w + col) * o;
+      float* y01 = col + 1 < w ? y00 + o : discard.data();
+      float* y10 = row + 1 < h ? y00 + w * o : discard.data();
+      float* y11 = row + 1 < h && col + 1 < w ? y00 + (w + 1) * o : discard.data();
+      const float* __restrict q = m.data() + t * o;
+#pragma omp simd
+      for (int64_t oi = 0; oi < o; ++oi) {
+        float s[2][4];
+        for (int j = 0; j < 4; ++j) {
+          float m0 = q[j * me + oi], m1 = q[(4 + j) * me + oi], m2 = q[(8 + j) * me + oi],
+                m3 = q[(12 + j) * me + oi];
+          s[0][j] = m0 + m1 + m2;
+          s[1][j] = m1 - m2 - m3;
+        }
+        float b = bias ? bias[oi] : 0.f;
+        float a00 = s[0][0] + s[0][1] + s[0][2] + b, a01 = s[0][1] - s[0][2] - s[0][3] + b;
+        float a10 = s[1][0] + s[1][1] + s[1][2] + b, a11 = s[1][1] - s[1][2] - s[1][3] + b;
+        if (relu) {
+          a00 = std::max(a00, 0.f);
+          a01 = std::max(a01, 0.f);
+          a10 = std::max(a10, 0.f);
+          a11 = std::max(a11, 0.f);
+        }
+        y00[oi] = a00;
+        y01[oi] = a01;
+        y10[oi] = a10;
+        y11[oi] = a11;
+      }
+    }
+  }
+}
+
+}  // namespace winograd
+
 struct Plan {
   Geometry g;  // of one chunk
   Cut cut;
@@ -217,6 +371,11 @@ struct Plan {
     Geometry g{x[0] / cut.chunks, x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
                strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
     return {g, cut, Cached(g, BuildConv)};
+  }
+
+  // Winograd (single-threaded) runs a chunk per thread, so only where the batch is cut.
+  bool Winograd(int64_t in_channels, int64_t out_channels) const {
+    return cut.omp_threads == 1 && winograd::Covers(g, in_channels, out_channels);
   }
 
   memory Src(float* data, int i) const { return At(g.Src(), data, i); }
@@ -240,14 +399,34 @@ ffi::Error Guarded(F body) {
   }
 }
 
+// conv(in, kernel) (+ bias, ReLU) chunk by chunk with winograd::Convolve, `u` the
+// kernel's transform; `in` has ci channels and `out` co, both plan.g's height and width.
+void WinogradChunks(ffi::ThreadPool& pool, const Plan& plan, const float* in, int64_t ci,
+                    const std::vector<float>& u, int64_t co, const float* bias, bool relu,
+                    float* out) {
+  const Geometry& g = plan.g;
+  const int64_t pixels = g.n * g.h * g.w;
+  ParallelFor(pool, plan.cut.chunks, [&](int i) {
+    omp_set_num_threads(1);  // dnnl::sgemm's
+    winograd::Convolve(in + i * pixels * ci, g.n, g.h, g.w, ci, u.data(), co, bias, relu,
+                       out + i * pixels * co);
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y,
                    Ints strides, Ints padding) {
   return Guarded([&] {
     Plan plan = Plan::Make(pool, x.dimensions(), w.dimensions(), y->dimensions(), strides,
                            padding);
+    const Geometry& g = plan.g;
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    if (plan.Winograd(g.c, g.o)) {
+      WinogradChunks(pool, plan, xs, g.c, winograd::TransformKernel(w.typed_data(), g.c, g.o),
+                     g.o, nullptr, false, ys);
+      return;
+    }
     const Conv& c = *plan.conv;
     memory weights = plan.Reordered(c.weights_to_fwd, c.fwd_pd.weights_desc(), w.typed_data());
-    float *xs = x.typed_data(), *ys = y->typed_data();
     ParallelFor(pool, plan.cut.chunks, [&, xs, ys](int i) {
       Execute(c.fwd, {{DNNL_ARG_SRC, plan.Src(xs, i)}, {DNNL_ARG_WEIGHTS, weights},
                       {DNNL_ARG_DST, plan.Dst(ys, i)}}, plan.cut.omp_threads);
@@ -260,11 +439,17 @@ ffi::Error ForwardBiasRelu(ffi::ThreadPool pool, F32 x, F32 w, F32 b,
   return Guarded([&] {
     Plan plan = Plan::Make(pool, x.dimensions(), w.dimensions(), y->dimensions(), strides,
                            padding);
+    const Geometry& g = plan.g;
+    float *xs = x.typed_data(), *ys = y->typed_data();
+    if (plan.Winograd(g.c, g.o)) {
+      WinogradChunks(pool, plan, xs, g.c, winograd::TransformKernel(w.typed_data(), g.c, g.o),
+                     g.o, b.typed_data(), true, ys);
+      return;
+    }
     const Conv& c = *plan.conv;
     memory weights = plan.Reordered(c.weights_to_bias_relu, c.bias_relu_pd.weights_desc(),
                                     w.typed_data());
-    memory bias(plan.g.Bias(), Engine(), b.typed_data());
-    float *xs = x.typed_data(), *ys = y->typed_data();
+    memory bias(g.Bias(), Engine(), b.typed_data());
     ParallelFor(pool, plan.cut.chunks, [&, xs, ys](int i) {
       Execute(c.bias_relu, {{DNNL_ARG_SRC, plan.Src(xs, i)}, {DNNL_ARG_WEIGHTS, weights},
                             {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, plan.Dst(ys, i)}},
@@ -278,10 +463,17 @@ ffi::Error BackwardData(ffi::ThreadPool pool, F32 dy, F32 w, ffi::ResultBuffer<f
   return Guarded([&] {
     Plan plan = Plan::Make(pool, dx->dimensions(), w.dimensions(), dy.dimensions(), strides,
                            padding);
+    const Geometry& g = plan.g;
+    float *dys = dy.typed_data(), *dxs = dx->typed_data();
+    if (plan.Winograd(g.o, g.c)) {  // dx = conv(dy, the kernel rotated, in and out swapped)
+      std::vector<float> k = winograd::InputGradientKernel(w.typed_data(), g.c, g.o);
+      WinogradChunks(pool, plan, dys, g.o, winograd::TransformKernel(k.data(), g.o, g.c), g.c,
+                     nullptr, false, dxs);
+      return;
+    }
     const Conv& c = *plan.conv;
     memory weights = plan.Reordered(c.weights_to_bwd_data, c.bwd_data_pd.weights_desc(),
                                     w.typed_data());
-    float *dys = dy.typed_data(), *dxs = dx->typed_data();
     ParallelFor(pool, plan.cut.chunks, [&, dys, dxs](int i) {
       Execute(c.bwd_data, {{DNNL_ARG_DIFF_DST, plan.Dst(dys, i)}, {DNNL_ARG_WEIGHTS, weights},
                            {DNNL_ARG_DIFF_SRC, plan.Src(dxs, i)}}, plan.cut.omp_threads);

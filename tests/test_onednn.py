@@ -107,6 +107,40 @@ def test_conv_bias_relu_matches_xla(stride, padding):
   assert 'Gnet' not in jax.jit(ours).lower(*bf16).as_text()
 
 
+def test_winograd_matches_xla_and_covers_its_layers_only(monkeypatch):
+  """3x3 convolutions at stride 1 with 64+ channels each way and an even size go through
+  Winograd F(2x2, 3x3) (forward, inference forward and input gradient); the rest, like
+  GNET_JAX_WINOGRAD=0, through oneDNN's direct convolution."""
+  rng = np.random.default_rng(0)
+  pad = ((1, 1), (1, 1))
+
+  def run(conv, x, w, b, dy):
+    """relu(conv + b), conv and its gradients with respect to x and w."""
+    def convolve(x, w):
+      return conv(x, w, (1, 1), pad, dimension_numbers=NHWC)
+    fused = jax.nn.relu(convolve(x, w) + b)
+    if conv is onednn.conv_general_dilated:
+      fused = onednn.conv_bias_relu(x, w, b, (1, 1), pad)
+    y, vjp = jax.vjp(convolve, x, w)
+    return (fused, y, *vjp(dy))
+
+  for size, cin, cout, winograd in [(8, 64, 96, True), (7, 64, 64, False), (8, 32, 64, False)]:
+    x = jnp.asarray(rng.standard_normal((4, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(cout), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((4, size, size, cout)), jnp.float32)
+    ours = jax.jit(functools.partial(run, onednn.conv_general_dilated))
+    got = ours(x, w, b, dy)
+    for e, g in zip(run(lax.conv_general_dilated, x, w, b, dy), got):
+      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+    monkeypatch.setenv('GNET_JAX_WINOGRAD', '0')
+    direct = ours(x, w, b, dy)
+    monkeypatch.delenv('GNET_JAX_WINOGRAD')
+    # Rounding differs between the two algorithms, in the forwards and the input gradient.
+    for name, g, d in zip(['inference', 'forward', 'input gradient'], got, direct):
+      assert (not np.array_equal(g, d)) == winograd, (size, cin, cout, name)
+
+
 @pytest.mark.parametrize('shape', [
     (4, 9, 9, 16),  # rows split evenly between the pool's threads
     (3, 5, 7, 5),  # odd rows, channels not a multiple of the vector width
