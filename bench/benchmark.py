@@ -329,7 +329,7 @@ def markdown(results: list[dict], machine: dict) -> str:
   flags = sorted({r['xla_flags'] for r in results if 'xla_flags' in r})
   convolutions = sorted({r['convolutions'] for r in results if 'convolutions' in r})
   per_call = sorted({str(r['steps_per_execution']) for r in results
-                     if 'steps_per_execution' in r})
+                     if r['framework'] == 'jax'})
   caches = ', '.join(sorted({r['compilation_cache_dir'] for r in results
                              if r['framework'] == 'jax' and r.get('compilation_cache_dir')}))
   lines += ['', f"Machine: {machine['cpu']}, {machine['cores']} cores, "
