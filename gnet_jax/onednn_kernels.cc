@@ -271,15 +271,16 @@ std::vector<float> InputGradientKernel(const float* k, int64_t c, int64_t o) {
     for (int j = 0; j < 3; ++j)
       for (int64_t ci = 0; ci < c; ++ci)
         for (int64_t oi = 0; oi < o; ++oi)
-          flipped[((i * 3 + j) * o + oi) * c + ci] = k[(((2 - i) * 3 + (2 - j)) * c + ci) * o + oi];
+          flipped[((i * 3 + j) * o + oi) * c + ci] =
+              k[(((2 - i) * 3 + (2 - j)) * c + ci) * o + oi];
   return flipped;
 }
 
-// y = conv(x, kernel) (+ bias, ReLU) for NHWC x (n x h x w x c) and y (n x h x w x o),
-// u the kernel's transform; single-threaded, in this thread's scratch.
 // This thread's transformed input, products, padding and the outputs past an odd edge.
 thread_local std::vector<float> v, m, zeros, discard;
 
+// y = conv(x, kernel) (+ bias, ReLU) for NHWC x (n x h x w x c) and y (n x h x w x o),
+// u the kernel's transform; single-threaded, in this thread's scratch.
 GNET_VECTORISED void Convolve(const float* x, int64_t n, int64_t h, int64_t w, int64_t c,
                               const float* u, int64_t o, const float* bias, bool relu,
                               float* y) {

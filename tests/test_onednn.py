@@ -186,10 +186,12 @@ def test_batch_norm_relu_matches_flax(shape):
 @pytest.mark.parametrize('train', [False, True])
 def test_model_same_function_with_and_without_onednn(train):
   """Every convolution, max pool and BatchNorm of the network goes to oneDNN or
-  onednn_kernels.cc (in inference each conv -> BatchNorm -> ReLU is one fused call),
-  with XLA's outputs, running statistics and parameter gradients. The gradients are compared as whole arrays (relative Frobenius norm): a
-  rounding difference of 1e-7 that flips a near-tie inside a max pool's window sends
-  that window's gradient elsewhere, which moves single entries by more."""
+  onednn_kernels.cc (in inference each conv -> BatchNorm -> ReLU is one fused call; at
+  64x64 conv2 and every block's ch3x3 run as Winograd), with XLA's outputs, running
+  statistics and parameter gradients. The gradients are compared as whole arrays
+  (relative Frobenius norm): a rounding difference of 1e-7 that flips a near-tie inside a
+  max pool's window sends that window's gradient elsewhere, which moves single entries by
+  more."""
   kwargs = dict(num_classes=10, variant='torchvision', dropout_rate=0.0, aux_dropout_rate=0.0)
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   variables = model_lib.init_fn(jax.random.key(1), images, **kwargs)
