@@ -212,8 +212,8 @@ memory At(const memory::desc& chunk, void* data, int i) {
 // tiles that each give a 2x2 output tile, as 16 matrix products of (tiles x in) by
 // (in x out) channels: 16 multiplications per tile and channel pair where the direct
 // convolution does 36. oneDNN 3.2 has no float32 Winograd on x86-64; here it is 1.1-1.6x
-// oneDNN's direct convolution on GoogLeNet's 3x3 layers, with errors of the direct
-// convolution's order (BENCHMARKS.md, change 14). Transforms from Lavin & Gray (2015).
+// oneDNN's direct convolution on GoogLeNet's 3x3 layers, with errors no larger than the
+// direct convolution's (BENCHMARKS.md, change 14). Transforms from Lavin & Gray (2015).
 namespace winograd {
 
 // Tiles per block: a block's transformed input and products (~1-2 MB) stay in L2.
