@@ -5,8 +5,10 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --multihost on a TPU pod
 or SLURM cluster, where JAX finds them itself.
 
-Checkpoints go to <workdir>/checkpoints: running the same command again on a workdir that
-has some resumes from the newest good one. SIGTERM (preemption) saves a checkpoint at the
+The workdir may be local or on an object store (gs://bucket/run). Checkpoints go to
+<workdir>/checkpoints: running the same command again on a workdir that has some resumes
+from the newest good one. Libraries' log records go to <workdir>/train.log; the console
+holds the progress bar, evaluations and warnings. SIGTERM (preemption) saves a checkpoint at the
 end of the current step and exits 0. Compiled steps are kept in JAX's persistent
 compilation cache (--compilation_cache_dir), so a resumed or repeated run skips most of
 the compile.
@@ -43,8 +45,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and jax is configured before first use.
   import jax  # pylint: disable=import-outside-toplevel
-  from gnet_jax import cpu_tuning, train_lib  # pylint: disable=import-outside-toplevel
-  cpu_tuning.use_fast_cpu_kernels()
+  from gnet_jax import checkpoint, cpu, metrics, train  # pylint: disable=import-outside-toplevel
+  cpu.use_fast_cpu_kernels()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     # JAX's size-limited cache cannot evict entries that a program without the limit
@@ -64,15 +66,17 @@ def main(argv):
         coordinator,
         FLAGS.num_processes if FLAGS.num_processes is not None else env_int('JAX_NUM_PROCESSES'),
         FLAGS.process_id if FLAGS.process_id is not None else env_int('JAX_PROCESS_ID'))
-  logging.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
-               jax.devices())
-  from gnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  try:
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,
-          checkpoint.CheckpointWriteError, FloatingPointError) as e:
-    logging.error('%s: %s', type(e).__name__, e)
-    sys.exit(f'{type(e).__name__}: {e}')
+  with metrics.log_to_workdir(FLAGS.workdir) as log_file:
+    logging.info('JAX %s, %d process(es), devices: %s', jax.__version__,
+                 jax.process_count(), jax.devices())
+    if jax.process_index() == 0:
+      print(f"Libraries' log: {log_file}", flush=True)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,
+            checkpoint.CheckpointWriteError, FloatingPointError) as e:
+      logging.error('%s: %s', type(e).__name__, e)
+      sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

@@ -47,7 +47,7 @@ def input_rate(batch_size: int, image_size: int, dtype: str, num_images: int,
   # pylint: disable=import-outside-toplevel
   import input_pipeline as pipeline_bench  # bench/input_pipeline.py
   from configs import default
-  from gnet_jax import input_pipeline
+  from gnet_jax import data
   # pylint: enable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as root:
     pipeline_bench.write_folder(root, num_train=num_images, num_eval=10)
@@ -56,7 +56,7 @@ def input_rate(batch_size: int, image_size: int, dtype: str, num_images: int,
     config.batch_size = batch_size
     config.image_size = image_size
     config.input_dtype = dtype
-    train = input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    train = data.create_train_iterator(config, process_index=0, process_count=1)
     rate, _ = pipeline_bench.time_batches(train, steps, warmup=2)
   return rate
 

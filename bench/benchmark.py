@@ -3,7 +3,7 @@
     python bench/benchmark.py --variant torchvision --batch_size 32 --compare torchvision
     python bench/benchmark.py --batch_sizes 8,16,32,64,128      # cost per image vs batch
 
-Train is the project's real train step (train_lib.compile_steps: forward with the aux
+Train is the project's real train step (gnet_jax.train.build: forward with the aux
 heads, loss, backward, SGD with Nesterov momentum and weight decay); inference is the
 jitted eval-mode forward. `--compare torchvision` adds torchvision's googlenet doing the
 same work on the same inputs: eager NCHW, eager channels_last and torch.compile
@@ -113,49 +113,46 @@ def host_peak_mb() -> float:
 def run_jax(case: Case) -> dict:
   sys.path.insert(0, ROOT)
   # pylint: disable=import-outside-toplevel
-  from gnet_jax import cpu_tuning
+  from gnet_jax import cpu
   if case.fast_cpu_flags:
-    cpu_tuning.use_fast_cpu_kernels()
+    cpu.use_fast_cpu_kernels()
   import jax
   if case.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', case.compilation_cache_dir)
-  from configs import cpu, default
-  from gnet_jax import onednn, train_lib
-  from gnet_jax.model import apply_fn
+  from configs import cpu as cpu_config, default
+  from gnet_jax import ModelSpec, train
   # pylint: enable=import-outside-toplevel
 
   baseline_mb = host_baseline_mb()
   config = default.get_config()
   config.batch_size = case.batch_size
   config.num_train_steps = 10_000
+  config.image_size = case.image_size
   config.model.variant = case.variant
   config.model.dtype = case.dtype
   config.model.cpu_convolutions = case.cpu_convolutions
   k = case.steps_per_execution or (
-      cpu.get_config().steps_per_execution if jax.default_backend() == 'cpu' else 1)
+      cpu_config.get_config().steps_per_execution if jax.default_backend() == 'cpu' else 1)
   config.steps_per_execution = k
-  model = train_lib.create_model(config, NUM_CLASSES)
-  lr_fn = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
-  tx = train_lib.create_optimizer(config, lr_fn)
-  sharding = train_lib.Sharding.create()
-  init, train_fn, _ = train_lib.compile_steps(config, model, tx, lr_fn, sharding,
-                                              case.image_size)
+  # The step train.py runs (train.build): the same model, blocks, optimizer and jit.
+  exp = train.build(config, ModelSpec.from_config(config, NUM_CLASSES),
+                    num_train_examples=1000 * case.batch_size)
   images, labels = synthetic_batch(case)
   local = {'image': images.astype(case.dtype), 'label': labels.astype(np.int32)}
-  batch = sharding.global_batch(local)
-  batches = sharding.stacked_batches([local] * k, k)
-  state = init()
+  batch = exp.sharding.global_batch(local)
+  batches = exp.sharding.stacked_batches([local] * k, k)
+  state = exp.init()
 
   start = time.perf_counter()
-  train = train_fn.lower(state, batches, np.int32(k)).compile()
+  train_fn = exp.train_steps.lower(state, batches, np.int32(k)).compile()
   train_compile_s = time.perf_counter() - start
-  cpu_tuning.release_freed_host_memory()  # as train_lib's loop does
+  cpu.release_freed_host_memory()  # as the training loop does
   # One step's: XLA counts a loop's body once when its trip count is not a constant.
-  flops = (train.cost_analysis() or {}).get('flops')
+  flops = (train_fn.cost_analysis() or {}).get('flops')
 
   def train_once():
     nonlocal state
-    state, metrics = train(state, batches, np.int32(k))
+    state, metrics = train_fn(state, batches, np.int32(k))
     return metrics
   train_times = [t / k for t in time_steps(train_once, jax.block_until_ready, case.steps,
                                            case.warmup)]
@@ -164,9 +161,7 @@ def run_jax(case: Case) -> dict:
             'train_flops': float(flops) if flops else None, 'host_baseline_mb': baseline_mb,
             'peak_host_mb': host_peak_mb()}
 
-  kwargs = train_lib.model_kwargs(config, NUM_CLASSES)
-  infer_fn = jax.jit(lambda v, x: apply_fn(v, x, **kwargs, dtype=model.dtype,
-                                           onednn=model.onednn))
+  infer_fn = jax.jit(lambda v, x: exp.model.apply(v, x, train=False))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   start = time.perf_counter()
   infer = infer_fn.lower(variables, batch['image']).compile()
@@ -179,7 +174,7 @@ def run_jax(case: Case) -> dict:
     result['peak_device_mb'] = stats.get('peak_bytes_in_use', 0) / 2**20
   result['device'] = f'{device.device_kind} x{jax.device_count()}'
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
-  result['convolutions'] = 'oneDNN' if model.onednn and onednn.available() else 'XLA'
+  result['convolutions'] = cpu.describe(dict(conv_block=exp.model.conv_block))
   return result
 
 
@@ -398,10 +393,10 @@ def parse_args(argv=None):
   parser.add_argument('--torch_compile_backend', default='inductor',
                       help="torch.compile's backend ('aot_eager' skips code generation)")
   parser.add_argument('--no_fast_cpu_flags', action='store_true',
-                      help="JAX with XLA's default CPU settings (gnet_jax/cpu_tuning.py)")
+                      help="JAX with XLA's default CPU settings (gnet_jax/cpu/flags.py)")
   parser.add_argument('--cpu_convolutions', default='auto', choices=['auto', 'onednn', 'xla'],
                       help="the JAX case's config.model.cpu_convolutions ('auto': oneDNN "
-                      'on one CPU device, gnet_jax/onednn.py)')
+                      'on one CPU device, gnet_jax/cpu/)')
   parser.add_argument('--compilation_cache_dir', default='',
                       help="JAX's persistent compilation cache for the JAX cases: the "
                       'second run with the same directory shows the warm compile time '

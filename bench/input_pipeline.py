@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gnet_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -107,14 +107,14 @@ def main(argv=None) -> None:
     config.augment = 'inception'
 
     start = time.perf_counter()
-    train = input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
+    train = data.create_train_iterator(config, process_index=0, process_count=1)
     next(train)
     print(f'train: first batch after {time.perf_counter() - start:.1f}s')
     rate, n = time_batches(train, args.steps, warmup=2)
     print(f'train: {rate:.0f} images/s ({n} images, batch {args.batch_size}, '
           f'{args.image_size}x{args.image_size}, {args.dtype}, Inception crop + flip)')
 
-    evaluator = input_pipeline.create_eval_iterator(config, process_index=0, process_count=1)
+    evaluator = data.create_eval_iterator(config, process_index=0, process_count=1)
     eval_rate, n_eval = time_batches(evaluator, len(evaluator), warmup=0)
     print(f'eval:  {eval_rate:.0f} images/s ({n_eval} images, one pass from the first '
           f'batch on, centre crop 0.875)')

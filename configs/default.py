@@ -10,7 +10,7 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # --- Input pipeline (gnet_jax/input_pipeline.py) ---
+  # --- Input pipeline (gnet_jax/data/) ---
   # Any tfds image-classification dataset name ("imagenet2012", "imagenette/320px",
   # "cifar10", ...), "digits" for the built-in offline dataset, or "folder:/path/to/root"
   # for a folder of images laid out as root/<split>/<class>/*.jpg.
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_corrupt_images = False  # Skip (and count) undecodable images instead of failing.
   config.input_dtype = 'float32'  # dtype of the images handed to the device.
 
-  # --- Model (gnet_jax/model.py) ---
+  # --- Model (gnet_jax/model.py, gnet_jax/spec.py) ---
   config.model = ml_collections.ConfigDict()
   config.model.variant = 'paper'  # 'paper' or 'torchvision'.
   config.model.aux_logits = True  # The paper's two auxiliary heads, loss weight 0.3.
@@ -45,11 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
   # torchvision's input transform; its converted ImageNet weights need True.
   config.model.transform_input = False
   config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
-  # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/onednn.py,
-  # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device.
+  # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/cpu/,
+  # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device
+  # (gnet_jax.cpu.model_blocks decides). GPU and TPU always use XLA's.
   config.model.cpu_convolutions = 'auto'
 
-  # --- Optimisation (gnet_jax/train_lib.py) ---
+  # --- Optimisation (gnet_jax/train/) ---
   config.seed = 0  # Initialisation, dropout and data order all derive from it.
   config.batch_size = 256  # Global batch over all devices and processes.
   config.num_epochs = 90

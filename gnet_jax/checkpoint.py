@@ -1,53 +1,55 @@
-"""Checkpoints: Orbax `CheckpointManager` in `<workdir>/checkpoints`, resume, fault tolerance.
+"""Checkpoints: an Orbax `CheckpointManager` in `<workdir>/checkpoints`, resume, fault
+tolerance, and reading a trained model back.
 
-A checkpoint of step k (directory `<workdir>/checkpoints/<k>`) holds two items:
-  * 'state': the train state minus the optimizer definition, {'step', 'params',
-    'batch_stats', 'opt_state', 'rng'} (`ocp.args.StandardSave`);
-  * 'meta': JSON (`ocp.args.JsonSave`): the fields of the run that fix the state's
-    structure ('run': model variant, heads, BatchNorm, class count, optimizer...), what
-    the input pipeline needs to continue ('input': the next batch index, seed, batch
-    size, dataset) and the train metrics logged since the last log point
-    ('train_window'), so a resumed run logs exactly what an uninterrupted one would.
+A checkpoint of step k (`<workdir>/checkpoints/<k>`) holds two items:
+  * 'state': the train state's arrays (`ocp.args.StandardSave`): step, params,
+    batch_stats, opt_state, rng and, when configured, the EMA and loss-scale state;
+  * 'meta': JSON (`ocp.args.JsonSave`): 'format', 'run' (the fields of the run that fix
+    the state's structure or its data, checked on resume) and 'train_window' (the train
+    metrics since the last log point, so a resumed run logs exactly what an
+    uninterrupted one would).
+Beside the checkpoints, `<workdir>/model.json` is the run's `ModelSpec`; a folder of
+converted weights (gnet_jax.convert) has the same layout, with one checkpoint (step 0).
 
-Saves are asynchronous and every process takes part (Orbax coordinates the processes
-and writes each step into a temporary directory that is renamed only once complete,
-so a save that is killed half way is never taken for a checkpoint). The manager keeps
-the latest `config.checkpoint_max_to_keep` checkpoints plus the best by eval top-1.
+Saves are asynchronous and every process takes part (Orbax writes each step into a
+temporary directory that is renamed only once complete, so a save killed half way is
+never taken for a checkpoint). The latest `max_to_keep` are kept plus the best by eval
+top-1. Restoring goes through an abstract target (shapes, dtypes and the current mesh's
+shardings), so a checkpoint written on any number of devices or processes restores onto
+any other. A checkpoint that cannot be read is skipped with a warning, newest first
+(`Checkpointer.first_readable`), and set aside in `<workdir>/corrupt_checkpoints/`, never
+deleted. Paths may be local or on an object store (gs://).
 
-Restoring goes through an abstract target (`jax.eval_shape` of the initial state with
-the shardings of the current mesh), so a checkpoint written on any number of devices
-or processes restores onto any other.
-
-    variables = gnet_jax.checkpoint.load_variables('/tmp/gnet')   # latest step
-    logits = gnet_jax.apply_fn(variables, images)
+    variables, spec = gnet_jax.load_model('/tmp/gnet')   # latest step
+    logits = gnet_jax.apply_fn(variables, images, **spec.model_kwargs())
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
-import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gnet_jax import paths
+from gnet_jax.spec import ModelSpec
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'  # bad checkpoints are moved here, never deleted
-STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 BEST_METRIC = 'eval_top1'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Fields of the run that decide the shapes and structure of the saved state: a workdir
 # whose checkpoint differs in one of them cannot be resumed with this config.
 STRUCTURE_FIELDS = ('model.variant', 'model.aux_logits', 'model.use_bn', 'num_classes',
-                    'optimizer', 'grad_clip')
+                    'optimizer', 'grad_clip', 'ema', 'loss_scaling', 'grad_accum_steps')
 # Fields that change the run (the data it sees) but not the state's structure: a warning.
-RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'image_size')
+DATA_FIELDS = ('dataset', 'seed', 'batch_size', 'image_size')
 
 
 class CheckpointMismatchError(ValueError):
@@ -62,19 +64,22 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (disk full, unwritable workdir...)."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+def checkpoint_dir(workdir):
+  return paths.path(workdir) / CHECKPOINT_DIR
 
 
-def run_fields(config, num_classes: int) -> dict:
-  """What the checkpoint records about the run, flat 'a.b' keys."""
+def run_fields(config, spec: ModelSpec) -> dict:
+  """What a checkpoint records of the run, flat 'a.b' keys (STRUCTURE_FIELDS, DATA_FIELDS)."""
   return {
-      'model.variant': config.model.variant,
-      'model.aux_logits': bool(config.model.aux_logits),
-      'model.use_bn': bool(config.model.use_bn),
-      'num_classes': int(num_classes),
+      'model.variant': spec.variant,
+      'model.aux_logits': spec.aux_logits,
+      'model.use_bn': spec.use_bn,
+      'num_classes': spec.num_classes,
       'optimizer': config.optimizer,
       'grad_clip': bool(config.get('grad_clip_norm') or 0),
+      'ema': bool(config.get('ema_decay') or 0),
+      'loss_scaling': config.model.dtype == 'float16',
+      'grad_accum_steps': int(config.get('grad_accum_steps', 1)),
       'dataset': config.dataset,
       'seed': int(config.seed),
       'batch_size': int(config.batch_size),
@@ -82,7 +87,7 @@ def run_fields(config, num_classes: int) -> dict:
   }
 
 
-def check_compatible(saved: dict, current: dict, step: int, directory: str) -> None:
+def check_compatible(saved: dict, current: dict, step: int, directory) -> None:
   """CheckpointMismatchError naming every structural field that differs; warns on the rest."""
   differ = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
             for k in STRUCTURE_FIELDS if k in saved and saved.get(k) != current.get(k)]
@@ -91,17 +96,18 @@ def check_compatible(saved: dict, current: dict, step: int, directory: str) -> N
         f'The checkpoint of step {step} in {directory} does not match the config: '
         + '; '.join(differ) + '. Use another --workdir for a new run; to fine-tune from '
         'this checkpoint, start a new workdir with '
-        f'--config.init_from={os.path.dirname(directory)}.')
+        f'--config.init_from={paths.path(directory).parent}.')
   changed = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
-             for k in RUN_FIELDS if k in saved and saved.get(k) != current.get(k)]
+             for k in DATA_FIELDS if k in saved and saved.get(k) != current.get(k)]
   if changed:
     logger.warning('Resuming step %d of %s with a changed config (%s): the run will not '
                    'be the one that was started.', step, directory, '; '.join(changed))
 
 
 def state_to_tree(state) -> dict:
-  """The saved part of a TrainState (everything but the optimizer definition)."""
-  return {name: getattr(state, name) for name in STATE_FIELDS}
+  """The saved part of a train state: its array fields, by name."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get('pytree_node', True)}
 
 
 def abstract_tree(abstract_state, sharding) -> dict:
@@ -110,10 +116,14 @@ def abstract_tree(abstract_state, sharding) -> dict:
                       state_to_tree(abstract_state))
 
 
-def _all_steps_on_disk(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
+def _steps_on_disk(directory) -> list[int]:
+  if not directory.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _errors(errors) -> str:
+  return '; '.join(f'step {s}: {type(e).__name__}: {str(e)[:300]}' for s, e in errors)
 
 
 class Checkpointer:
@@ -122,10 +132,11 @@ class Checkpointer:
   Every process must construct it and call save/restore/wait (Orbax synchronises them).
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_best: bool = True,
+  def __init__(self, workdir, *, max_to_keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
+    self.workdir = paths.path(workdir)
     self.directory = checkpoint_dir(workdir)
-    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.read_only = read_only
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, max_to_keep))]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -142,6 +153,8 @@ class Checkpointer:
       raise CheckpointWriteError(
           f'Cannot create the checkpoint directory {self.directory}: {e}') from e
     self._last_saved = self.manager.latest_step()
+    self._pending = None
+    self._reader = None
 
   # --- reading -----------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -151,76 +164,106 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']
+    if not isinstance(meta, dict) or 'format' not in meta:
+      raise ValueError('its metadata item is missing or incomplete')
+    return meta
 
-  def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return out['state'], out['meta']
+  def restore(self, step: int, abstract: dict) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
 
-  def restore_latest(self, abstract: dict, current_fields: dict | None = None):
-    """(state tree, meta, step) of the newest readable checkpoint, or None if there is none.
+  def restore_partial(self, step: int, wanted: Callable[[dict], dict]) -> dict:
+    """The arrays `wanted(saved tree metadata)` selects, on this process's first device."""
+    if self._reader is None:  # a PyTree handler reads the saved tree's metadata and parts
+      self._reader = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+          item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                         'meta': ocp.JsonCheckpointHandler()})
+    meta = self._reader.item_metadata(step)['state']
+    meta = getattr(meta, 'tree', meta)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted(meta))
+    return self._reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)))['state']
 
-    A checkpoint that cannot be read (truncated or deleted file, unreadable metadata,
-    non-finite parameters) is named in a warning and the next older one is tried; once a
-    good one is found, the bad newer ones are moved to `<workdir>/corrupt_checkpoints/`
-    (never deleted). If every one is bad, NoUsableCheckpointError and nothing is moved.
-    A structural mismatch with the config is a CheckpointMismatchError.
-    """
-    steps = sorted(set(self.all_steps()) | set(_all_steps_on_disk(self.directory)),
-                   reverse=True)
+  def first_readable(self, read: Callable[[int], Any], steps=None) -> tuple[int, Any]:
+    """(step, read(step)) of the newest step `read` succeeds on, or None if there are no
+    steps. A step it fails on is named in a warning and the next older one tried; once
+    one is read, the bad newer ones are set aside (unless read-only). If every one fails,
+    NoUsableCheckpointError and nothing is moved. CheckpointMismatchError propagates."""
+    if steps is None:
+      steps = sorted(set(self.all_steps()) | set(_steps_on_disk(self.directory)),
+                     reverse=True)
     if not steps:
       return None
     errors = []
     for step in steps:
       try:
-        meta = self.read_meta(step)
-        if not isinstance(meta, dict) or 'run' not in meta:
-          raise ValueError('its metadata item is missing or incomplete')
+        value = read(step)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         errors.append((step, e))
         self._warn_bad(step, e)
         continue
+      if not self.read_only:
+        for bad_step, _ in errors:
+          self._set_aside(bad_step)
+      return step, value
+    raise NoUsableCheckpointError(
+        f'None of the checkpoints in {self.directory} can be read: {_errors(errors)}. '
+        'Nothing was moved or deleted; use another --workdir to start from scratch.')
+
+  def restore_latest(self, abstract: dict, current_fields: dict | None = None):
+    """(state tree, meta, step) of the newest readable checkpoint, or None if there is none.
+
+    Unreadable checkpoints (truncated or deleted files, unreadable metadata, non-finite
+    parameters) fall back as `first_readable` says. A structural mismatch with
+    `current_fields` (`run_fields`) is a CheckpointMismatchError.
+    """
+    def read(step):
+      meta = self.read_meta(step)
+      if meta['format'] != FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f'The checkpoint of step {step} in {self.directory} has format '
+            f"{meta['format']}, written by another gnet_jax version (this one reads "
+            f'{FORMAT_VERSION}); resume it with that version or use another --workdir.')
       if current_fields is not None:
         check_compatible(meta['run'], current_fields, step, self.directory)
-      try:
-        tree, meta = self.restore(step, abstract)
-        bad = [jax.tree_util.keystr(p) for p, x in
-               jax.tree_util.tree_leaves_with_path(tree['params'])
-               if not bool(np.all(np.isfinite(np.asarray(x.addressable_data(0)))))]
-        if bad:
-          raise ValueError(f'non-finite parameters in {bad[:3]}')
-      except Exception as e:  # pylint: disable=broad-except
-        errors.append((step, e))
-        self._warn_bad(step, e)
-        continue
-      for bad_step, _ in errors:
-        self._set_aside(bad_step)
-      return tree, meta, step
-    raise NoUsableCheckpointError(
-        f'None of the checkpoints in {self.directory} can be read: '
-        + '; '.join(f'step {s}: {type(e).__name__}: {str(e)[:300]}' for s, e in errors)
-        + '. Nothing was moved or deleted; use another --workdir to start from scratch.')
+      tree = self.restore(step, abstract)
+      bad = [jax.tree_util.keystr(p) for p, x in
+             jax.tree_util.tree_leaves_with_path(tree['params'])
+             if not bool(np.all(np.isfinite(np.asarray(x.addressable_data(0)))))]
+      if bad:
+        raise ValueError(f'non-finite parameters in {bad[:3]}')
+      return tree, meta
+
+    found = self.first_readable(read)
+    if found is None:
+      return None
+    step, (tree, meta) = found
+    return tree, meta, step
 
   def _warn_bad(self, step: int, error: Exception) -> None:
-    msg = (f'WARNING: checkpoint {os.path.join(self.directory, str(step))} is corrupt or '
-           f'incomplete ({type(error).__name__}: {str(error)[:300]}); trying the previous '
-           'one.')
+    msg = (f'WARNING: checkpoint {self.directory / str(step)} is corrupt or incomplete '
+           f'({type(error).__name__}: {str(error)[:300]}); trying the previous one.')
     logger.warning(msg)
     if jax.process_index() == 0:
       print(msg, flush=True)
 
   def _set_aside(self, step: int) -> None:
     """Moves a bad checkpoint out of the way of new saves (process 0 moves)."""
-    target = os.path.join(self.workdir, CORRUPT_DIR, f'{step}.{int(time.time())}')
-    msg = f'Moved the bad checkpoint of step {step} to {target}.'
-    logger.warning(msg)
+    target = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}'
+    logger.warning('Moved the bad checkpoint of step %d to %s.', step, target)
     if jax.process_index() == 0:
-      src = os.path.join(self.directory, str(step))
-      if os.path.exists(src):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(src, target)
+      src = self.directory / str(step)
+      if src.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f'gnet_checkpoint_set_aside_{step}')
@@ -228,13 +271,15 @@ class Checkpointer:
     self._last_saved = self.manager.latest_step()
 
   # --- writing -----------------------------------------------------------------------
-  def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> bool:
-    """Starts an asynchronous save of `state` (a TrainState) at `step`."""
+  def save(self, step: int, tree: dict, run: dict, train_window: list,
+           metrics: dict | None = None) -> bool:
+    """Starts an asynchronous save of `tree` (`state_to_tree`) at `step`."""
     if self._last_saved == step:
       return False
+    meta = {'format': FORMAT_VERSION, 'run': run, 'train_window': train_window}
     try:
       saved = self.manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)),
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                         meta=ocp.args.JsonSave(meta)),
           metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -245,7 +290,7 @@ class Checkpointer:
     return saved
 
   def _write_error(self, step, e) -> CheckpointWriteError:
-    good = [s for s in _all_steps_on_disk(self.directory) if s != step]
+    good = [s for s in _steps_on_disk(self.directory) if s != step]
     kept = (f'the previous checkpoint (step {max(good)}) is intact' if good else
             'there is no earlier checkpoint')
     return CheckpointWriteError(
@@ -258,7 +303,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._write_error(getattr(self, '_pending', -1), e) from e
+      raise self._write_error(self._pending, e) from e
 
   def reached_preemption(self, step: int) -> bool:
     """JAX's multi-host preemption sync point (False where there is no such service)."""
@@ -266,6 +311,8 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+    if self._reader is not None:
+      self._reader.close()
 
 
 def merge_matching(fresh: dict, loaded: dict) -> tuple[dict, list[str]]:
@@ -291,87 +338,56 @@ def merge_matching(fresh: dict, loaded: dict) -> tuple[dict, list[str]]:
 # ---------------------------------------------------------------------------------------
 # Outside training
 # ---------------------------------------------------------------------------------------
-RUN_INFO_FILE = 'run.json'  # in the workdir: what the model is and what data it was for
+def load_variables(workdir, step: int | None = None, *, ema: bool | None = None) -> dict:
+  """{'params', 'batch_stats'} of a workdir's (or converted weights') latest or given
+  checkpoint, for `apply_fn`, on this process's first device.
 
-
-def write_run_info(workdir: str, model_kwargs: dict, class_names, image_size: int,
-                   augment: str) -> None:
-  """Records what predict/export/fine-tuning need to rebuild the model of a workdir."""
-  with open(os.path.join(workdir, RUN_INFO_FILE), 'w') as f:
-    json.dump({'model_kwargs': model_kwargs, 'class_names': list(class_names),
-               'image_size': image_size, 'augment': augment}, f, indent=2)
-
-
-def load_model(path: str, step: int | None = None) -> tuple[dict, dict, dict]:
-  """(variables, model_kwargs, info) of a training workdir or of converted weights.
-
-  `apply_fn(variables, images, **model_kwargs)` runs the model; info holds its
-  'class_names', 'image_size' and eval preprocessing ('augment'). A workdir gives its
-  latest checkpoint (or `step`); a directory from `gnet_jax.convert` gives torchvision's
-  ImageNet model (224x224, ImageNet class names).
-  """
-  from gnet_jax import convert  # pylint: disable=import-outside-toplevel
-  if os.path.exists(os.path.join(path, 'model.json')):
-    variables, model_kwargs = convert.load_converted(path)
-    return variables, model_kwargs, {'class_names': convert.imagenet_class_names(),
-                                     'image_size': 224, 'augment': 'inception'}
-  info_path = os.path.join(path, RUN_INFO_FILE)
-  if not os.path.exists(info_path):
-    raise FileNotFoundError(
-        f'{path} is neither a training workdir (no {RUN_INFO_FILE}) nor a directory of '
-        'converted weights (no model.json).')
-  with open(info_path) as f:
-    info = json.load(f)
-  return load_variables(path, step), info.pop('model_kwargs'), info
-
-
-def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of a workdir's latest (or given) checkpoint, for `apply_fn`.
-
-  Arrays are placed on this process's first device. The latest step falls back over
-  corrupt checkpoints (with a warning) like a resume does, without moving anything.
+  ema: the weight-EMA variables (config.ema_decay) when the checkpoint has them (None,
+  the default), always (True: an error if it has none) or never (False). The latest step
+  falls back over corrupt checkpoints (with a warning) as a resume does, moving nothing.
   """
   directory = checkpoint_dir(workdir)
-  if (not os.path.isdir(directory)
-      and os.path.basename(os.path.normpath(os.fspath(workdir))) == CHECKPOINT_DIR):
-    directory = os.path.abspath(os.fspath(workdir))  # given the checkpoints folder itself
-  if not os.path.isdir(directory):
+  if not directory.is_dir() and paths.path(workdir).name == CHECKPOINT_DIR:
+    directory, workdir = paths.path(workdir), paths.path(workdir).parent  # the folder itself
+  if not directory.is_dir():
     raise FileNotFoundError(f'No checkpoints in {workdir} (expected {directory}).')
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler()})
+  checkpointer = Checkpointer(workdir, read_only=True, async_save=False)
+
+  def wanted(tree):
+    has_ema = 'ema' in tree
+    if ema and not has_ema:
+      raise ValueError('this checkpoint has no EMA variables (trained without '
+                       'config.ema_decay); load the raw ones (ema=False)')
+    pick = lambda t: {k: t[k] for k in ('params', 'batch_stats') if k in t}
+    return {'ema': pick(tree['ema'])} if (has_ema and ema is not False) else pick(tree)
+
+  def read(s):
+    tree = checkpointer.restore_partial(s, wanted)
+    if 'ema' in tree:
+      tree = tree['ema']
+    return {'params': tree['params'], 'batch_stats': tree.get('batch_stats') or {}}
+
   try:
-    steps = sorted(manager.all_steps(), reverse=True)
+    steps = checkpointer.all_steps()
     if step is not None:
       if step not in steps:
         raise FileNotFoundError(f'No checkpoint of step {step} in {directory}; there are '
-                                f'steps {sorted(steps)}.')
-      steps = [step]
-    if not steps:
+                                f'steps {steps}.')
+      return read(step)
+    found = checkpointer.first_readable(read, sorted(steps, reverse=True))
+    if found is None:
       raise FileNotFoundError(f'No checkpoints in {directory}.')
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    errors = []
-    for s in steps:
-      try:
-        meta = manager.item_metadata(s)['state']
-        meta = getattr(meta, 'tree', meta)
-        wanted = {k: meta[k] for k in ('params', 'batch_stats')}
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted)
-        tree = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True)))['state']
-        return {'params': tree['params'], 'batch_stats': tree.get('batch_stats') or {}}
-      except Exception as e:  # pylint: disable=broad-except
-        if step is not None:
-          raise
-        errors.append((s, e))
-        logger.warning('Checkpoint %s/%d cannot be read (%s: %s); trying the previous one.',
-                       directory, s, type(e).__name__, e)
-    raise NoUsableCheckpointError(
-        f'None of the checkpoints in {directory} can be read: '
-        + '; '.join(f'step {s}: {type(e).__name__}: {str(e)[:300]}' for s, e in errors))
+    return found[1]
   finally:
-    manager.close()
+    checkpointer.close()
+
+
+def load_model(path, step: int | None = None, *,
+               ema: bool | None = None) -> tuple[dict, ModelSpec]:
+  """(variables, spec) of a training workdir or a folder of converted weights.
+
+  `apply_fn(variables, images, **spec.model_kwargs())` runs the model; the spec also
+  says its image size, eval preprocessing and class names. `ema` as in load_variables.
+  """
+  spec = ModelSpec.load(path)
+  return load_variables(path, step, ema=ema), spec

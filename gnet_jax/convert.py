@@ -4,22 +4,21 @@ In Python (any mapping of torch key -> array-like; torch tensors work as they ar
 
     import torchvision
     from gnet_jax import apply_fn
-    from gnet_jax.convert import model_kwargs_for, torchvision_to_flax
+    from gnet_jax.convert import spec_for, torchvision_to_flax
     state_dict = torchvision.models.googlenet(weights='IMAGENET1K_V1').state_dict()
     variables = torchvision_to_flax(state_dict)
-    # {'variant': 'torchvision', 'num_classes': 1000, 'aux_logits': False}, read off the keys
-    model_kwargs = model_kwargs_for(state_dict)
-    logits = apply_fn(variables, nhwc_images, transform_input=True, **model_kwargs)
+    spec = spec_for(state_dict)  # torchvision variant, 1000 classes, aux heads off the keys
+    logits = apply_fn(variables, nhwc_images, **spec.model_kwargs())
 
 From the command line (needs `pip install torch`; the file is loaded with weights_only=True):
 
     python -m gnet_jax.convert --torchvision googlenet-1378be20.pth --out /tmp/googlenet
-    # writes /tmp/googlenet/variables (an orbax checkpoint) and /tmp/googlenet/model.json;
-    # torchvision's own .pth holds the (untrained) aux heads, so there aux_logits is True
+    # writes /tmp/googlenet/model.json (the ModelSpec) and /tmp/googlenet/checkpoints/0,
+    # the layout of a training workdir; torchvision's own .pth holds the (untrained) aux
+    # heads, so there aux_logits is True
 
-    from gnet_jax.convert import load_converted
-    variables, model_kwargs = load_converted('/tmp/googlenet')
-    logits = apply_fn(variables, nhwc_images, **model_kwargs)
+    variables, spec = gnet_jax.load_model('/tmp/googlenet')
+    logits = apply_fn(variables, nhwc_images, **spec.model_kwargs())
 
 Layouts: torch convs are OIHW (ours HWIO), torch linears (out, in) (ours (in, out)), and the
 aux heads' fc1 sees torch's (C, H, W)-flattened 128x4x4 map where ours flattens (H, W, C).
@@ -27,7 +26,6 @@ aux heads' fc1 sees torch's (C, H, W)-flattened 128x4x4 map where ours flattens 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gnet_jax import paths
+from gnet_jax.checkpoint import Checkpointer
 from gnet_jax.model import INCEPTION_WIDTHS, init_fn
+from gnet_jax.spec import ModelSpec
 
 # torch BatchNorm field -> (collection, our name).
 _BN_FIELDS = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
@@ -112,19 +113,24 @@ def _get(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def model_kwargs_for(state_dict: Mapping[str, Any]) -> dict:
-  """GoogLeNet kwargs whose variables `state_dict` holds (less transform_input)."""
+def spec_for(state_dict: Mapping[str, Any], transform_input: bool = True) -> ModelSpec:
+  """The ModelSpec whose variables `state_dict` holds: torchvision's variant, its class
+  count and aux heads read off the keys, 224x224 ImageNet preprocessing, and ImageNet's
+  class names when it has 1,000 classes."""
   if 'fc.weight' not in state_dict:
     raise ValueError("missing key 'fc.weight': not a torchvision GoogLeNet state dict.")
   num_classes = int(np.shape(state_dict['fc.weight'])[0])
   aux_logits = any(k.startswith(('aux1.', 'aux2.')) for k in state_dict)
-  return dict(variant='torchvision', num_classes=num_classes, aux_logits=aux_logits)
+  return ModelSpec(num_classes=num_classes, variant='torchvision', aux_logits=aux_logits,
+                   transform_input=transform_input, image_size=224, preprocess='inception',
+                   class_names=imagenet_class_names() if num_classes == 1000 else ())
 
 
-def expected_variables(**model_kwargs):
-  """Shapes and dtypes of init_fn's variables, computed without running it."""
+def expected_variables(spec: ModelSpec):
+  """Shapes and dtypes of the spec's variables, computed without running anything."""
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  return jax.eval_shape(lambda k, x: init_fn(k, x, **model_kwargs), jax.random.key(0), images)
+  return jax.eval_shape(lambda k, x: init_fn(k, x, **spec.model_kwargs()),
+                        jax.random.key(0), images)
 
 
 def check_same_tree(got, expected) -> None:
@@ -146,18 +152,18 @@ def check_same_tree(got, expected) -> None:
 def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict:
   """{'params', 'batch_stats'} of GoogLeNet(variant='torchvision', ...) from torchvision's
   googlenet state dict; aux_logits and num_classes are read off the state dict
-  (see `model_kwargs_for`). `num_batches_tracked` entries are ignored.
+  (see `spec_for`). `num_batches_tracked` entries are ignored.
 
   Raises ValueError on missing or unexpected keys and on wrong shapes.
   """
-  kwargs = model_kwargs_for(state_dict)
-  expected = expected_variables(**kwargs)
-  table = _key_table(kwargs['aux_logits'])
+  spec = spec_for(state_dict)
+  expected = expected_variables(spec)
+  table = _key_table(spec.aux_logits)
   given = {k for k in state_dict if not k.endswith('num_batches_tracked')}
   missing, unexpected = sorted(table.keys() - given), sorted(given - table.keys())
   if missing or unexpected:
-    raise ValueError(f'torchvision GoogLeNet state dict (num_classes={kwargs["num_classes"]}, '
-                     f'aux_logits={kwargs["aux_logits"]}): missing keys {missing}, '
+    raise ValueError(f'torchvision GoogLeNet state dict (num_classes={spec.num_classes}, '
+                     f'aux_logits={spec.aux_logits}): missing keys {missing}, '
                      f'unexpected keys {unexpected}')
 
   variables = {'params': {}, 'batch_stats': {}}
@@ -172,15 +178,18 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict:
   return variables
 
 
-def save_converted(variables: dict, model_kwargs: dict, out_dir) -> Path:
-  """Writes out_dir/variables (orbax) and out_dir/model.json (the GoogLeNet kwargs)."""
-  import orbax.checkpoint as ocp
-  out_dir = Path(out_dir).resolve()
+def save_converted(variables: dict, spec: ModelSpec, out_dir):
+  """Writes a model folder (out_dir/model.json and one checkpoint, step 0), the layout of
+  a training workdir: `gnet_jax.load_model(out_dir)` reads either."""
+  out_dir = paths.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out_dir / 'variables', variables)
-    checkpointer.wait_until_finished()
-  (out_dir / 'model.json').write_text(json.dumps(model_kwargs, indent=2) + '\n')
+  checkpointer = Checkpointer(out_dir, async_save=False)
+  try:
+    checkpointer.save(0, variables, run={'converted_from': 'torchvision'}, train_window=[])
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+  spec.save(out_dir)
   return out_dir
 
 
@@ -192,18 +201,6 @@ def imagenet_class_names() -> list[str]:
   return IMAGENET_CLASSES_FILE.read_text().splitlines()
 
 
-def load_converted(out_dir) -> tuple[dict, dict]:
-  """(variables, model_kwargs) as written by the CLI: apply_fn(variables, x, **model_kwargs)."""
-  import orbax.checkpoint as ocp
-  out_dir = Path(out_dir).resolve()
-  model_kwargs = json.loads((out_dir / 'model.json').read_text())
-  abstract = expected_variables(**{k: v for k, v in model_kwargs.items()
-                                   if k != 'transform_input'})
-  with ocp.StandardCheckpointer() as checkpointer:
-    variables = checkpointer.restore(out_dir / 'variables', abstract)
-  return variables, model_kwargs
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       prog='python -m gnet_jax.convert',
@@ -211,7 +208,7 @@ def main(argv=None) -> None:
   parser.add_argument('--torchvision', required=True, metavar='PATH.pth',
                       help='state dict saved by torch.save(model.state_dict(), PATH)')
   parser.add_argument('--out', required=True, metavar='DIR',
-                      help='writes DIR/variables and DIR/model.json')
+                      help='writes DIR/model.json and DIR/checkpoints/0 (a model folder)')
   parser.add_argument('--no-transform-input', dest='transform_input', action='store_false',
                       help="for weights trained without torchvision's transform_input "
                            '(the pretrained IMAGENET1K_V1 weights need it)')
@@ -222,9 +219,10 @@ def main(argv=None) -> None:
     parser.exit(1, 'gnet_jax.convert: reading .pth files needs PyTorch: pip install torch\n')
   state_dict = torch.load(args.torchvision, map_location='cpu', weights_only=True)
   variables = torchvision_to_flax(state_dict)
-  model_kwargs = {**model_kwargs_for(state_dict), 'transform_input': args.transform_input}
-  out_dir = save_converted(variables, model_kwargs, args.out)
-  print(f'wrote {out_dir}/variables and {out_dir}/model.json: {model_kwargs}')
+  spec = spec_for(state_dict, transform_input=args.transform_input)
+  out_dir = save_converted(variables, spec, args.out)
+  print(f'wrote {out_dir}/model.json and {out_dir}/checkpoints/0: '
+        f'{spec.replace(class_names=()).model_kwargs()}')
 
 
 if __name__ == '__main__':

@@ -2,8 +2,9 @@
 
     python -m gnet_jax.export --checkpoint DIR --out OUT --format stablehlo|saved_model
 
-DIR is a training workdir (its latest checkpoint, or --step) or a directory written by
-`python -m gnet_jax.convert`. Both formats take a batch of any size of NHWC float32
+DIR is a training workdir (its latest checkpoint, or --step; the EMA weights where the
+run kept them, --raw_weights for the raw ones) or a folder written by
+`python -m gnet_jax.convert`; DIR and OUT may be local or gs://. Both formats take a batch of any size of NHWC float32
 images, normalised as in training, at the checkpoint's image size (224 for converted
 weights; --image_size overrides), and return float32 logits; the batch dimension is
 symbolic.
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from gnet_jax import paths
 from gnet_jax.model import apply_fn
 
 FORMATS = ('stablehlo', 'saved_model')
@@ -44,21 +45,21 @@ def export_stablehlo(variables, model_kwargs: dict, image_size: int) -> jax.expo
       _image_spec(image_size))
 
 
-def save_stablehlo(variables, model_kwargs: dict, image_size: int, out_dir: str) -> str:
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, STABLEHLO_FILE)
-  with open(path, 'wb') as f:
-    f.write(export_stablehlo(variables, model_kwargs, image_size).serialize())
-  return path
+def save_stablehlo(variables, model_kwargs: dict, image_size: int, out_dir) -> str:
+  out_dir = paths.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / STABLEHLO_FILE
+  path.write_bytes(export_stablehlo(variables, model_kwargs, image_size).serialize())
+  return str(path)
 
 
-def load_stablehlo(out_dir: str):
+def load_stablehlo(out_dir):
   """A callable images -> logits from OUT/model.jaxexport."""
-  with open(os.path.join(out_dir, STABLEHLO_FILE), 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read())).call
+  data = (paths.path(out_dir) / STABLEHLO_FILE).read_bytes()
+  return jax.export.deserialize(bytearray(data)).call
 
 
-def save_saved_model(variables, model_kwargs: dict, image_size: int, out_dir: str) -> str:
+def save_saved_model(variables, model_kwargs: dict, image_size: int, out_dir) -> str:
   """A TF SavedModel with a `serving_default` signature images -> logits."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
@@ -75,6 +76,7 @@ def save_saved_model(variables, model_kwargs: dict, image_size: int, out_dir: st
     return {'logits': predict(module.variables_tree, images)}
 
   module.serve = serve
+  out_dir = str(paths.path(out_dir))  # TensorFlow writes gs:// itself
   tf.saved_model.save(module, out_dir, signatures={'serving_default': serve})
   return out_dir
 
@@ -87,12 +89,14 @@ def main(argv=None) -> None:
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--image_size', type=int, default=None)
+  parser.add_argument('--raw_weights', action='store_true',
+                      help="the run's raw weights, not its weight EMA (config.ema_decay)")
   args = parser.parse_args(argv)
-  from gnet_jax.predict import Predictor  # pylint: disable=import-outside-toplevel
-  model = Predictor.from_checkpoint(args.checkpoint, args.step)
+  from gnet_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  variables, spec = load_model(args.checkpoint, args.step,
+                               ema=False if args.raw_weights else None)
   save = save_stablehlo if args.format == 'stablehlo' else save_saved_model
-  path = save(model.variables, model.model_kwargs, args.image_size or model.image_size,
-              args.out)
+  path = save(variables, spec.model_kwargs(), args.image_size or spec.image_size, args.out)
   print(f'wrote {path}')
 
 

@@ -3,10 +3,15 @@ import os
 
 import pytest
 
-from gnet_jax import cpu_tuning
+try:  # triton (torch's, imported by torchvision) before TensorFlow: imported after it,
+  import triton  # pylint: disable=unused-import  # their LLVMs clash and it segfaults.
+except ImportError:  # no CUDA build of torch here: nothing clashes
+  pass
+
+from gnet_jax import cpu  # pylint: disable=wrong-import-position
 
 # The settings train.py uses; also makes the suite faster. Subprocesses inherit them.
-cpu_tuning.use_fast_cpu_kernels()
+cpu.use_fast_cpu_kernels()
 
 # Tests build the offline digits dataset once per session under this directory.
 _DATA_DIR_ENV = 'GNET_TEST_DATA_DIR'
@@ -31,10 +36,10 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A tfds data directory with the built-in digits dataset prepared in it."""
-  from gnet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from gnet_jax import data  # pylint: disable=import-outside-toplevel
   from configs import quickstart  # pylint: disable=import-outside-toplevel
   data_dir = os.environ.get(_DATA_DIR_ENV) or str(tmp_path_factory.mktemp('tfds'))
   config = quickstart.get_config()
   config.data_dir = data_dir
-  input_pipeline.get_dataset_info(config)  # writes the tfds files on first use
+  data.get_dataset_info(config)  # writes the tfds files on first use
   return data_dir

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from gnet_jax import cpu_tuning
+from gnet_jax import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_benchmark_compares_with_torchvision(tmp_path):
     assert (r['train_compile_s'] is not None) == has_compile
   jax_result = results[0]
   assert jax_result['train_flops'] > 0
-  assert all(f in jax_result['xla_flags'].split() for f in cpu_tuning.FAST_CPU_FLAGS)
+  assert all(f in jax_result['xla_flags'].split() for f in cpu.FAST_CPU_FLAGS)
   assert set(report['machine']) >= {'cpu', 'cores', 'memory_gb', 'versions'}
   assert report['machine']['versions']['torch']
   table = (tmp_path / 'results.md').read_text()
@@ -85,14 +85,14 @@ def test_accelerator_script_runs_on_cpu(tmp_path):
 
 CONV_HLO = '''
 import os, sys, jax, jax.numpy as jnp
-from gnet_jax import cpu_tuning
-applied = cpu_tuning.use_fast_cpu_kernels() if sys.argv[1] == 'apply' else None
+from gnet_jax import cpu
+applied = cpu.use_fast_cpu_kernels() if sys.argv[1] == 'apply' else None
 x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 text = jax.jit(conv).lower(x, w).compile().as_text()
 print(applied, os.environ.get('XLA_FLAGS', ''), '__ynn_fusion' in text, sep='|')
-print(cpu_tuning.use_fast_cpu_kernels())  # too late now: no change
+print(cpu.use_fast_cpu_kernels())  # too late now: no change
 print(os.environ.get('XLA_FLAGS', ''))
 '''
 
@@ -105,7 +105,7 @@ def run_conv_hlo(mode, xla_flags):
 
 
 def test_fast_cpu_flags_take_convolutions_off_ynnpack():
-  flags = ' '.join(cpu_tuning.FAST_CPU_FLAGS)
+  flags = ' '.join(cpu.FAST_CPU_FLAGS)
   first, again, final = run_conv_hlo('apply', '--xla_cpu_enable_fast_math=false')
   assert first == f'True|--xla_cpu_enable_fast_math=false {flags}|False'
   assert again == 'True' and final == f'--xla_cpu_enable_fast_math=false {flags}'

@@ -21,18 +21,9 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from gnet_jax import checkpoint, metrics
+from gnet_jax import ModelSpec, checkpoint, metrics
 
-# TensorFlow (imported by train_lib) must not be imported before torch (test_convert.py)
-# at collection: their LLVMs clash and importing triton then segfaults.
-train_lib = None
-
-
-@pytest.fixture(autouse=True)
-def _train_lib():
-  global train_lib  # pylint: disable=global-statement
-  from gnet_jax import train_lib as lib  # pylint: disable=import-outside-toplevel
-  train_lib = lib
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -140,9 +131,10 @@ def test_reference_run_checkpoints_and_load_variables(reference):
   assert jax.tree.structure(early) == jax.tree.structure(variables)
   assert not np.array_equal(jax.tree.leaves(early['params'])[0],
                             jax.tree.leaves(variables['params'])[0])
-  # The variables are ready for the model: a forward pass gives finite logits.
-  model = train_lib.create_model(quickstart.get_config(), 10)
-  logits = model.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False)
+  # The variables are ready for the model its model.json describes: finite logits.
+  variables, spec = checkpoint.load_model(reference)
+  assert spec.num_classes == 10 and spec.class_names == tuple('0123456789')
+  logits = spec.build().apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False)
   assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
   with pytest.raises(FileNotFoundError, match='step 5'):
     checkpoint.load_variables(reference, step=5)
@@ -207,19 +199,16 @@ def test_sigterm_saves_and_exits_cleanly_and_restores_on_other_device_counts(
   script = textwrap.dedent('''
       import sys, jax, numpy as np
       from configs import quickstart
-      from gnet_jax import checkpoint, train_lib
+      from gnet_jax import ModelSpec, checkpoint, train
       config = quickstart.get_config()
       config.batch_size = 16
       config.num_train_steps = int(sys.argv[2])
-      model = train_lib.create_model(config, 10)
-      lr = train_lib.create_learning_rate_fn(config, 89)
-      tx = train_lib.create_optimizer(config, lr)
-      sharding = train_lib.Sharding.create()
-      init, _, _ = train_lib.compile_steps(config, model, tx, lr, sharding, 32)
+      spec = ModelSpec.from_config(config, 10)
+      exp = train.build(config, spec, 1433)
       ckpt = checkpoint.Checkpointer(sys.argv[1])
       tree, meta, step = ckpt.restore_latest(
-          checkpoint.abstract_tree(jax.eval_shape(init), sharding.replicated),
-          checkpoint.run_fields(config, 10))
+          checkpoint.abstract_tree(exp.abstract_state(), exp.sharding.replicated),
+          checkpoint.run_fields(config, spec))
       ckpt.close()
       leaf = jax.tree.leaves(tree['params'])[0]
       assert len(leaf.sharding.device_set) == jax.device_count(), leaf.sharding
@@ -247,13 +236,7 @@ def test_sigterm_saves_and_exits_cleanly_and_restores_on_other_device_counts(
   ref = checkpoint.Checkpointer(reference, read_only=True)
   config = quickstart.get_config()
   config.batch_size, config.num_train_steps = 16, STEPS
-  model = train_lib.create_model(config, 10)
-  lr = train_lib.create_learning_rate_fn(config, 89)
-  tx = train_lib.create_optimizer(config, lr)
-  sharding = train_lib.Sharding.create()
-  init, _, _ = train_lib.compile_steps(config, model, tx, lr, sharding, 32)
-  tree, _, _ = ref.restore_latest(checkpoint.abstract_tree(jax.eval_shape(init),
-                                                           sharding.replicated))
+  tree, _, _ = ref.restore_latest(abstract_for(config))
   ref.close()
   assert float(line[4]) == checksum(tree)
 
@@ -281,12 +264,13 @@ def test_truncated_latest_checkpoint_falls_back_and_resumes_exactly(
 
 
 def abstract_for(config, num_classes=10):
-  model = train_lib.create_model(config, num_classes)
-  lr = train_lib.create_learning_rate_fn(config, 89)
-  tx = train_lib.create_optimizer(config, lr)
-  sharding = train_lib.Sharding.create()
-  init, _, _ = train_lib.compile_steps(config, model, tx, lr, sharding, 32)
-  return checkpoint.abstract_tree(jax.eval_shape(init), sharding.replicated)
+  from gnet_jax import train  # pylint: disable=import-outside-toplevel
+  exp = train.build(config, ModelSpec.from_config(config, num_classes), 1433)
+  return checkpoint.abstract_tree(exp.abstract_state(), exp.sharding.replicated)
+
+
+def fields_for(config, num_classes=10):
+  return checkpoint.run_fields(config, ModelSpec.from_config(config, num_classes))
 
 
 def test_deleted_files_and_broken_metadata_fall_back_with_a_warning(reference, tmp_path,
@@ -298,7 +282,7 @@ def test_deleted_files_and_broken_metadata_fall_back_with_a_warning(reference, t
     f.write('{"run": ')  # torn JSON
   config = quickstart.get_config()
   config.batch_size, config.num_train_steps = 16, STEPS
-  fields = checkpoint.run_fields(config, 10)
+  fields = fields_for(config)
   ckpt = checkpoint.Checkpointer(workdir)
   tree, _, step = ckpt.restore_latest(abstract_for(config), fields)
   ckpt.close()
@@ -327,9 +311,9 @@ def test_mismatched_config_is_named(digits_data_dir, reference, tmp_path):
   assert f'--config.init_from={workdir}' in out
   # The class count is recorded too.
   config = quickstart.get_config()
-  saved = checkpoint.run_fields(config, 10)
+  saved = fields_for(config)
   with pytest.raises(checkpoint.CheckpointMismatchError, match='num_classes: checkpoint 10'):
-    checkpoint.check_compatible(saved, checkpoint.run_fields(config, 100), 8, workdir)
+    checkpoint.check_compatible(saved, fields_for(config, 100), 8, workdir)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
@@ -374,13 +358,12 @@ def test_finetuning_keeps_what_matches_and_reinitialises_the_rest():
   assert np.all(merged['params']['classifier']['kernel'] == 0)
 
 
-class _Tiny:
-  def __init__(self, n):
-    self.step = np.int32(0)
-    self.params = {'w': np.random.default_rng(0).normal(size=n).astype(np.float32)}
-    self.batch_stats = {}
-    self.opt_state = {'m': np.zeros((n,), np.float32)}
-    self.rng = np.zeros((2,), np.uint32)
+def tiny(n):
+  """A small state tree of a train state's shape."""
+  return {'step': np.int32(0),
+          'params': {'w': np.random.default_rng(0).normal(size=n).astype(np.float32)},
+          'batch_stats': {}, 'opt_state': {'m': np.zeros((n,), np.float32)},
+          'rng': np.zeros((2,), np.uint32)}
 
 
 def test_latest_k_and_best_by_eval_top1_are_kept(tmp_path):
@@ -388,7 +371,7 @@ def test_latest_k_and_best_by_eval_top1_are_kept(tmp_path):
   top1 = {1: 0.5, 2: 0.9, 3: 0.1, 4: None, 5: 0.2, 6: None}
   for step, acc in top1.items():
     metrics_ = None if acc is None else {checkpoint.BEST_METRIC: acc}
-    ckpt.save(step, _Tiny(4), {'run': {}}, metrics_)
+    ckpt.save(step, tiny(4), {}, [], metrics_)
     ckpt.wait()
   ckpt.close()
   assert finalized(str(tmp_path)) == [2, 5, 6]
@@ -396,21 +379,21 @@ def test_latest_k_and_best_by_eval_top1_are_kept(tmp_path):
 
 def test_disk_full_or_unwritable_is_a_clear_error_and_keeps_the_previous(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save(1, _Tiny(1 << 20), {'run': {}})
+  ckpt.save(1, tiny(1 << 20), {}, [])
   ckpt.wait()
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # "disk full" past 1 MiB
   try:
     with pytest.raises(checkpoint.CheckpointWriteError,
                        match='step 2.*previous checkpoint \\(step 1\\) is intact'):
-      ckpt.save(2, _Tiny(1 << 20), {'run': {}})
+      ckpt.save(2, tiny(1 << 20), {}, [])
       ckpt.wait()
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
   ckpt.close()
   assert finalized(str(tmp_path)) == [1]
   np.testing.assert_array_equal(checkpoint.load_variables(str(tmp_path))['params']['w'],
-                                _Tiny(1 << 20).params['w'])
+                                tiny(1 << 20)['params']['w'])
 
   blocker = tmp_path / 'a_file'
   blocker.write_text('')

@@ -5,7 +5,6 @@ downloaded) and random BatchNorm statistics and affine parameters, so that the l
 depend on every layer.
 """
 import copy
-import json
 
 import jax
 import numpy as np
@@ -14,17 +13,20 @@ import torch
 import torchvision
 from torch import nn
 
-from gnet_jax.convert import check_same_tree, expected_variables, load_converted, main
+from gnet_jax import ModelSpec, load_model
+from gnet_jax.convert import check_same_tree, expected_variables, main
 from gnet_jax.convert import torchvision_to_flax
 from gnet_jax.model import GoogLeNetOutputs, apply_fn
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 NUM_CLASSES = 100
 BATCH = 2
 RTOL = 1e-4
 
 _apply = jax.jit(apply_fn, static_argnames=(
-    'train', 'variant', 'transform_input', 'aux_logits', 'num_classes', 'dropout_rate',
-    'aux_dropout_rate'))
+    'train', 'variant', 'transform_input', 'aux_logits', 'num_classes', 'use_bn',
+    'dropout_rate', 'aux_dropout_rate'))
 
 
 def rel_err(ours, theirs) -> float:
@@ -166,10 +168,11 @@ def test_cli_round_trip(torch_model, variables, tmp_path):
   torch.save(torch_model.state_dict(), path)
   main(['--torchvision', str(path), '--out', str(tmp_path / 'converted')])
 
-  loaded, model_kwargs = load_converted(tmp_path / 'converted')
-  assert model_kwargs == dict(variant='torchvision', num_classes=NUM_CLASSES, aux_logits=True,
-                              transform_input=True)
-  assert json.loads((tmp_path / 'converted' / 'model.json').read_text()) == model_kwargs
+  loaded, spec = load_model(tmp_path / 'converted')
+  assert spec == ModelSpec(variant='torchvision', num_classes=NUM_CLASSES, aux_logits=True,
+                           transform_input=True)
+  assert ModelSpec.load(tmp_path / 'converted') == spec
+  model_kwargs = spec.model_kwargs()
   check_same_tree(loaded, variables)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -185,8 +188,8 @@ def test_numpy_state_dict_and_no_aux_heads():
   converted = torchvision_to_flax(state_dict)
   assert 'aux_4a' not in converted['params'] and 'aux_4d' not in converted['batch_stats']
   assert converted['params']['classifier']['kernel'].shape == (1024, 10)
-  check_same_tree(converted, expected_variables(variant='torchvision', num_classes=10,
-                                                aux_logits=False))
+  check_same_tree(converted, expected_variables(ModelSpec(variant='torchvision', num_classes=10,
+                                                          aux_logits=False)))
   x_torch, x_ours = images(224, 224)
   ours = _apply(converted, x_ours, variant='torchvision', aux_logits=False, num_classes=10)
   assert rel_err(ours, torch_eval(model, x_torch, transform_input=False)) <= RTOL

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import default as default_config
-from gnet_jax import input_pipeline as ip
+from gnet_jax import data as ip
 
 
 def write_image(path, rgb=(0, 0, 0), size=(12, 10), mode='RGB', fmt=None, **save):
@@ -196,7 +196,7 @@ def test_image_formats_become_rgb(tmp_path, augment):
   assert batch['mask'].sum() == len(expected)
   got = pixels(batch['image'][batch['mask']]).reshape(len(expected), -1, 3)
   # Rows come in the folder's (seeded) order: match them by file through the source.
-  source = ip._source(config)  # pylint: disable=protected-access
+  source = ip.build_source(config)
   files = [os.path.basename(p) for p in source.local_arrays('validation', 0, 1)['path']]
   for name, rows in zip(files, got):
     rgb, tol = expected[name]
@@ -296,7 +296,7 @@ def test_corrupt_image_stops_with_its_name(tmp_path):
 def test_skip_corrupt_images_eval_counts_every_good_one_once(tmp_path, caplog):
   ids, bad = _with_bad_files(tmp_path)
   config = make_config(tmp_path, skip_corrupt_images=True, batch_size=4)
-  with caplog.at_level(logging.WARNING, logger='gnet_jax.input_pipeline'):
+  with caplog.at_level(logging.WARNING, logger='gnet_jax.data.pipeline'):
     got, labels = eval_ids(config)
   assert sorted(got) == sorted(i for i, (s, _) in ids.items() if s == 'validation')
   assert 'skipped 2 unreadable images of 22' in caplog.text
@@ -306,7 +306,7 @@ def test_skip_corrupt_images_eval_counts_every_good_one_once(tmp_path, caplog):
 def test_skip_corrupt_images_train_keeps_batches_and_positions(tmp_path, caplog):
   ids, _ = _with_bad_files(tmp_path)
   config = make_config(tmp_path, skip_corrupt_images=True, batch_size=4)
-  with caplog.at_level(logging.WARNING, logger='gnet_jax.input_pipeline'):
+  with caplog.at_level(logging.WARNING, logger='gnet_jax.data.pipeline'):
     it = ip.create_train_iterator(config, process_index=0, process_count=1)
     reference = [next(it) for _ in range(12)]  # Two epochs of 22.
   assert 'unreadable images skipped so far' in caplog.text
@@ -336,3 +336,60 @@ def test_a_batch_of_only_corrupt_images_is_an_error(tmp_path):
   config = make_config(root, skip_corrupt_images=True, batch_size=4)
   with pytest.raises(ValueError, match='Every image of a batch'):
     next(ip.create_train_iterator(config, process_index=0, process_count=1))
+
+
+# --- truncated JPEGs: reported whatever crop window is drawn ----------------------
+
+
+def photo_jpeg(seed, size=(500, 375), **save) -> bytes:
+  """A photo-like JPEG (smooth colour fields with noise) of ImageNet's typical size."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (size[1] // 25 + 1, size[0] // 25 + 1, 3))
+  image = np.kron(coarse, np.ones((25, 25, 1)))[:size[1], :size[0]]
+  image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, 'JPEG', quality=90, **save)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('save', [{}, {'progressive': True}], ids=['baseline', 'progressive'])
+def test_jpeg_completeness_check(save):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from gnet_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  whole = photo_jpeg(0, **save)
+  assert bool(preprocess.jpeg_is_complete(tf.constant(whole)))
+  assert bool(preprocess.jpeg_is_complete(tf.constant(whole + b'\0' * 64)))  # trailing bytes
+  for fraction in np.linspace(0.02, 0.999, 40):
+    assert not bool(preprocess.jpeg_is_complete(tf.constant(whole[:int(len(whole) * fraction)])))
+
+
+@pytest.mark.parametrize('fraction', [0.5, 0.8, 0.95])
+def test_truncated_jpeg_is_reported_whatever_the_crop(tmp_path, fraction, caplog):
+  """A JPEG cut at 50/80/95% stops every epoch with its name (20 epochs, 20 different
+  Inception crop windows); with skip_corrupt_images it is skipped and counted in every
+  epoch, and eval and predict's preprocessing report it too. Before the completeness
+  check, a window above the cut decoded without an error (12 of 20 epochs at 80%)."""
+  for split in ('train', 'validation'):
+    for i in range(7):
+      path = tmp_path / split / 'ab'[i % 2] / f'{i}.jpg'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(photo_jpeg(i))
+    whole = photo_jpeg(99)
+    (tmp_path / split / 'a' / 'cut.jpg').write_bytes(whole[:int(len(whole) * fraction)])
+  config = make_config(tmp_path, batch_size=8, image_size=32)  # one batch = one epoch
+  source = ip.build_source(config)
+  for epoch in range(20):
+    with pytest.raises(ValueError, match=r'Cannot decode image .*cut\.jpg') as error:
+      next(ip.create_train_iterator(config, source=source, start_step=epoch,
+                                    process_index=0, process_count=1))
+  assert 'truncated JPEG' in str(error.value)
+  with pytest.raises(ValueError, match=r'cut\.jpg'):
+    list(ip.create_eval_iterator(config, source=source, process_index=0, process_count=1))
+  with pytest.raises(ValueError, match='truncated JPEG'):
+    ip.preprocess_image((tmp_path / 'validation' / 'a' / 'cut.jpg').read_bytes(), 224)
+  skipping = make_config(tmp_path, batch_size=8, image_size=32, skip_corrupt_images=True)
+  with caplog.at_level(logging.WARNING, logger='gnet_jax.data.pipeline'):
+    it = ip.create_train_iterator(skipping, process_index=0, process_count=1)
+    for _ in range(8):  # 8 epochs: the cut file is skipped (and counted) in each
+      assert next(it)['image'].shape == (8, 32, 32, 3)
+  assert '8 unreadable images skipped so far' in caplog.text

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default as default_config
-from gnet_jax import input_pipeline as ip
+from gnet_jax import data as ip
 
 METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'tfds_metadata')
 NUM_MOCK = 10
@@ -127,7 +127,7 @@ def test_imagenet_without_manual_dir(tmp_path):
   message = str(e.value)
   assert 'config.manual_dir is not set' in message
   assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
-  assert 'python -m gnet_jax.input_pipeline prepare --dataset imagenet2012' in message
+  assert 'python -m gnet_jax.data prepare --dataset imagenet2012' in message
 
 
 def test_imagenet_manual_dir_missing(tmp_path):

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from gnet_jax import apply_fn, export, init_fn
+from gnet_jax import ModelSpec, apply_fn, export, init_fn
 
 OPTIONS = dict(num_classes=10, aux_logits=False)
 
@@ -36,8 +36,8 @@ def test_saved_model_serving_signature(model, tmp_path):
 def test_command_line_from_converted_weights(model, tmp_path):
   from gnet_jax import convert  # pylint: disable=import-outside-toplevel
   variables, images, expected = model
-  convert.save_converted(variables, {'variant': 'paper', **OPTIONS}, tmp_path / 'weights')
+  convert.save_converted(variables, ModelSpec(image_size=32, **OPTIONS), tmp_path / 'weights')
   export.main(['--checkpoint', str(tmp_path / 'weights'), '--out', str(tmp_path / 'out'),
-               '--format', 'stablehlo', '--image_size', '32'])
+               '--format', 'stablehlo'])
   np.testing.assert_allclose(export.load_stablehlo(str(tmp_path / 'out'))(images), expected,
                              rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from gnet_jax import checkpoint, convert, export, init_fn, predict
+from gnet_jax import ModelSpec, checkpoint, convert, export, init_fn, predict
 
 CONVERTED = dict(variant='torchvision', aux_logits=True, transform_input=True)
 
@@ -17,7 +17,7 @@ def converted_dir(tmp_path_factory):
   variables = jax.jit(lambda x: init_fn(jax.random.key(3), x, **CONVERTED))(
       jnp.zeros((1, 32, 32, 3)))
   out = tmp_path_factory.mktemp('converted')
-  convert.save_converted(variables, {'num_classes': 1000, **CONVERTED}, out)
+  convert.save_converted(variables, ModelSpec(num_classes=1000, **CONVERTED), out)
   return str(out), variables
 
 
@@ -37,10 +37,10 @@ def finetune_config(data_dir, init_from, **model):
 
 @pytest.fixture(scope='module')
 def finetuned(digits_data_dir, converted_dir, tmp_path_factory):
-  from gnet_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from gnet_jax import train  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp('finetuned'))
-  state = train_lib.train_and_evaluate(finetune_config(digits_data_dir, converted_dir[0]),
-                                       workdir)
+  state = train.train_and_evaluate(finetune_config(digits_data_dir, converted_dir[0]),
+                                   workdir)
   return workdir, state
 
 
@@ -60,27 +60,32 @@ def test_init_from_converted_weights_replaces_the_classifiers(finetuned, convert
 
 
 def test_init_from_names_what_differs(digits_data_dir, converted_dir, tmp_path):
-  from gnet_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from gnet_jax import train  # pylint: disable=import-outside-toplevel
   config = finetune_config(digits_data_dir, converted_dir[0], variant='paper')
   with pytest.raises(ValueError, match="variant: weights 'torchvision', config 'paper'"):
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_predict_and_export_from_a_workdir(finetuned, digits_data_dir, tmp_path):
+def test_predict_and_export_from_a_workdir(finetuned, converted_dir, digits_data_dir,
+                                           tmp_path):
   workdir, state = finetuned
   predictor = predict.Predictor.from_checkpoint(workdir)
-  assert predictor.class_names == [str(d) for d in range(10)]
-  assert (predictor.image_size, predictor.augment) == (32, 'small')
+  assert predictor.spec.class_names == tuple(str(d) for d in range(10))
+  assert (predictor.spec.image_size, predictor.spec.preprocess) == (32, 'small')
   jax.tree.map(np.testing.assert_array_equal, predictor.variables['params'], state.params)
-  from gnet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from gnet_jax import data  # pylint: disable=import-outside-toplevel
   config = quickstart.get_config()
   config.data_dir = digits_data_dir
-  images = next(iter(input_pipeline.create_eval_iterator(config)))['image'][:3]
+  images = next(iter(data.create_eval_iterator(config)))['image'][:3]
   expected = predictor.top_k(images)
   export.main(['--checkpoint', workdir, '--out', str(tmp_path), '--format', 'stablehlo'])
   logits = np.asarray(export.load_stablehlo(str(tmp_path))(images))
   probs = np.asarray(jax.nn.softmax(logits))
   for row, top5 in zip(probs, expected):
     np.testing.assert_allclose([p for _, p in top5], np.sort(row)[::-1][:5], rtol=1e-4)
-  variables, kwargs, info = checkpoint.load_model(workdir)
-  assert kwargs['num_classes'] == 10 and info['image_size'] == 32
+  variables, spec = checkpoint.load_model(workdir)
+  assert spec == predictor.spec and spec.num_classes == 10 and spec.image_size == 32
+  # One on-disk model format: the workdir's model.json round-trips, as the converted one.
+  assert ModelSpec.load(workdir) == spec
+  assert ModelSpec.load(converted_dir[0]).variant == 'torchvision'
+  del variables

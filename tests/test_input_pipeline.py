@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 
 from configs import default as default_config
-from gnet_jax import digits
-from gnet_jax import input_pipeline as ip
+from gnet_jax.data import digits
+from gnet_jax import data as ip
 
 LOW = min((0 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
 HIGH = max((1 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
@@ -173,7 +173,7 @@ def test_other_seed_other_batches(digits_dir):
 _HASH_BATCHES = '''
 import hashlib, sys
 from configs import default
-from gnet_jax import input_pipeline as ip
+from gnet_jax import data as ip
 config = default.get_config()
 config.update(dict(dataset='digits', data_dir=sys.argv[1], eval_split='test', image_size=32,
                    augment='inception', batch_size=32, shuffle_buffer=300, seed=7))
@@ -236,7 +236,7 @@ def _keys(source, split, pi, pc):
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(digits_dir):
-  source = ip._source(make_config(digits_dir))  # pylint: disable=protected-access
+  source = ip.build_source(make_config(digits_dir))
   for split, total in (('train', 1433), ('test', 364)):
     shards = [_keys(source, split, pi, 3) for pi in range(3)]
     assert sorted(map(len, shards), reverse=True) == [len(s) for s in shards]

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn
+from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn, layers
 from gnet_jax import model as model_lib
-from gnet_jax import onednn
 from gnet_jax import summary
+from gnet_jax.cpu import ops
 
 
 # Jitted once per set of options: eager Flax runs op by op, which is slow on CPU.
@@ -132,9 +132,11 @@ def torch_ceil_max_pool(x, window, stride):
   return y
 
 
-# The model's max pool (XLA) and oneDNN's (on CPU when the model has onednn=True).
-MAX_POOLS = {'xla': model_lib.max_pool,
-             'onednn': functools.partial(onednn.max_pool, fallback=model_lib.max_pool)}
+# The model's max pool (XLA's), the gathered-gradient one and the CPU plug-in's oneDNN one.
+MAX_POOLS = {'xla': lambda x, window, stride, padding: layers.MaxPool(window, stride).pool(
+                 x, padding),
+             'gathered': layers.max_pool_gathered,
+             'onednn': functools.partial(ops.max_pool, fallback=layers.max_pool_gathered)}
 
 
 @pytest.mark.parametrize('pool', MAX_POOLS)
@@ -142,7 +144,7 @@ MAX_POOLS = {'xla': model_lib.max_pool,
                                           (8, 2), (7, 3)])
 def test_ceil_mode_pool(size, window, pool):
   x = np.random.default_rng(0).normal(size=(2, size, size + 1, 3)).astype(np.float32)
-  padding = model_lib.ceil_mode_padding(x, window, 2)
+  padding = layers.ceil_mode_padding(x, window, 2)
   np.testing.assert_array_equal(np.asarray(MAX_POOLS[pool](x, window, 2, padding)),
                                 torch_ceil_max_pool(x, window, 2))
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gnet_jax import convert, init_fn, input_pipeline, predict
+from gnet_jax import ModelSpec, convert, data, init_fn, predict
 
 OPTIONS = dict(variant='torchvision', aux_logits=False, transform_input=True)
 
@@ -17,7 +17,8 @@ def weights_dir(tmp_path_factory):
   variables = jax.jit(lambda x: init_fn(jax.random.key(0), x, **OPTIONS))(
       jnp.zeros((1, 224, 224, 3)))
   out = tmp_path_factory.mktemp('converted')
-  convert.save_converted(variables, {'num_classes': 1000, **OPTIONS}, out)
+  convert.save_converted(variables, ModelSpec(
+      num_classes=1000, class_names=convert.imagenet_class_names(), **OPTIONS), out)
   return out
 
 
@@ -39,7 +40,8 @@ def image_files(tmp_path_factory):
 def test_top5_with_imagenet_names_in_batches(weights_dir, image_files, capsys):
   paths, _ = image_files
   predictor = predict.Predictor.from_checkpoint(str(weights_dir))
-  assert predictor.class_names[:2] == ['tench', 'goldfish'] and len(predictor.class_names) == 1000
+  names = predictor.spec.class_names
+  assert names[:2] == ('tench', 'goldfish') and len(names) == 1000
   one_batch = list(predict.predict_files(predictor, paths, batch_size=32))
   small_batches = list(predict.predict_files(predictor, paths, batch_size=2))
   assert [p for p, _ in one_batch] == paths
@@ -49,7 +51,7 @@ def test_top5_with_imagenet_names_in_batches(weights_dir, image_files, capsys):
   for _, top5 in one_batch:
     probs = [p for _, p in top5]
     assert len(top5) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
-    assert all(name in predictor.class_names for name, _ in top5)
+    assert all(name in names for name, _ in top5)
   assert predict.main(['--checkpoint', str(weights_dir), *paths]) == 0
   out = capsys.readouterr().out
   assert out.count('%') == 15 and paths[0] in out
@@ -58,12 +60,12 @@ def test_top5_with_imagenet_names_in_batches(weights_dir, image_files, capsys):
 def test_preprocessing_is_the_eval_pipelines(image_files):
   paths, _ = image_files
   with open(paths[0], 'rb') as f:
-    image = input_pipeline.preprocess_image(f.read(), 224)
+    image = data.preprocess_image(f.read(), 224)
   assert image.shape == (224, 224, 3) and image.dtype == np.float32
   # Normalised with the ImageNet mean/std: a mid-grey pixel lands near zero.
   grey = io.BytesIO()
   Image.new('RGB', (50, 40), (124, 116, 104)).save(grey, 'PNG')
-  np.testing.assert_allclose(input_pipeline.preprocess_image(grey.getvalue(), 32), 0, atol=0.01)
+  np.testing.assert_allclose(data.preprocess_image(grey.getvalue(), 32), 0, atol=0.01)
 
 
 def test_unreadable_file_is_named_and_fails_the_command(weights_dir, image_files, capsys):

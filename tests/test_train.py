@@ -13,7 +13,9 @@ import optax
 import pytest
 
 from configs import quickstart
-from gnet_jax import metrics, train_lib
+from gnet_jax import metrics, train
+from gnet_jax.train import state as state_lib
+from gnet_jax.train import steps as steps_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +65,7 @@ def short_run(digits_data_dir, tmp_path_factory):
   config.batch_size = 16
   config.log_every_steps = 1
   config.eval_every_steps = 3
-  state = train_lib.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir)
   return workdir, state
 
 
@@ -71,9 +73,9 @@ def test_a_few_steps_write_metrics_events_and_curves(short_run):
   workdir, state = short_run
   assert int(state.step) == 3
   records = metrics.read_metrics(workdir)
-  train = [r for r in records if r['split'] == 'train']
-  assert [r['step'] for r in train] == [1, 2, 3]
-  for r in train:
+  rows = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in rows] == [1, 2, 3]
+  for r in rows:
     assert set(r) >= {'step', 'split', 'loss', 'top1', 'top5', 'images_per_sec', 'lr'}
     assert np.isfinite(r['loss'])
   (evaluation,) = [r for r in records if r['split'] == 'eval']
@@ -93,17 +95,17 @@ def test_several_steps_per_call_train_the_same(short_run, digits_data_dir, tmp_p
   config.data_dir = digits_data_dir
   config.num_train_steps, config.batch_size, config.eval_every_steps = 3, 16, 3
   config.steps_per_execution, config.log_every_steps = 3, 2
-  chunked = train_lib.train_and_evaluate(config, str(tmp_path))
+  chunked = train.train_and_evaluate(config, str(tmp_path))
   assert int(chunked.step) == 3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                chunked.params, state.params)
   ours, theirs = metrics.read_metrics(str(tmp_path)), metrics.read_metrics(workdir)
-  train = [r for r in theirs if r['split'] == 'train']
+  rows = [r for r in theirs if r['split'] == 'train']
   assert [(r['split'], r['step']) for r in ours] == [('train', 2), ('train', 3), ('eval', 3)]
   for name in ('loss', 'top1', 'top5'):
     np.testing.assert_allclose(
         [r[name] for r in ours],
-        [np.mean([r[name] for r in train[:2]]), train[2][name],
+        [np.mean([r[name] for r in rows[:2]]), rows[2][name],
          next(r for r in theirs if r['split'] == 'eval')[name]], rtol=1e-5)
 
 
@@ -167,7 +169,7 @@ def test_weight_decay_skips_batchnorm_and_biases():
   params = {'conv': {'kernel': np.ones((3, 3, 1, 1))},
             'bn': {'scale': np.ones(1), 'bias': np.ones(1)},
             'fc': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}}
-  assert train_lib.decay_mask(params) == {'conv': {'kernel': True},
+  assert state_lib.decay_mask(params) == {'conv': {'kernel': True},
                                           'bn': {'scale': False, 'bias': False},
                                           'fc': {'kernel': True, 'bias': False}}
 
@@ -179,13 +181,13 @@ def test_learning_rate_schedules():
   config.warmup_epochs = 0
   config.num_train_steps = 1000
   config.lr_schedule = 'paper'
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
   assert float(lr(0)) == pytest.approx(0.2)  # scaled with the global batch
   assert float(lr(79)) == pytest.approx(0.2)
   assert float(lr(80)) == pytest.approx(0.2 * 0.96)  # 4% less every 8 epochs
   config.lr_schedule = 'cosine'
   config.warmup_epochs = 1
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = state_lib.create_learning_rate_fn(config, steps_per_epoch=10)
   assert float(lr(0)) == 0 and float(lr(10)) == pytest.approx(0.2)
   assert float(lr(1000)) == pytest.approx(0, abs=1e-6)
 
@@ -193,8 +195,8 @@ def test_learning_rate_schedules():
 def test_aux_loss_weight_and_label_smoothing():
   logits = jax.numpy.array([[2.0, 0.0, -1.0]])
   labels = jax.numpy.array([0])
-  plain = train_lib.cross_entropy(logits, labels, 3)
+  plain = steps_lib.cross_entropy(logits, labels, 3)
   np.testing.assert_allclose(plain, optax.softmax_cross_entropy_with_integer_labels(logits, labels),
                              rtol=1e-6)
-  assert float(train_lib.cross_entropy(logits, labels, 3, 0.1)[0]) > float(plain[0])
-  assert train_lib.AUX_LOSS_WEIGHT == 0.3
+  assert float(steps_lib.cross_entropy(logits, labels, 3, 0.1)[0]) > float(plain[0])
+  assert steps_lib.AUX_LOSS_WEIGHT == 0.3

@@ -6,7 +6,7 @@
 //   an NHWC max pool;
 // - BatchNorm + ReLU in training, forward and gradient, written out in C++;
 // - Winograd F(2x2, 3x3) for the 3x3 convolutions it is faster on (namespace winograd).
-// gnet_jax/onednn.py builds this file and registers the handlers.
+// gnet_jax/cpu/build.py builds this file and registers the handlers.
 //
 // Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
 // shapes, its max pools and their gradients took a sixth of the train step, and in
@@ -544,7 +544,7 @@ std::shared_ptr<Pool> BuildPool(const PoolGeometry& g) {
       eng, dnnl::prop_kind::forward_training, algo, g.Src(), g.Dst(), strides, kernel,
       dilation, pad_l, pad_r, attr);
   p->training = dnnl::pooling_forward(p->training_pd);
-  // gnet_jax/onednn.py gives the workspace one byte per output, laid out like the output.
+  // gnet_jax/cpu/ops.py gives the workspace one byte per output, laid out like the output.
   auto ws = p->training_pd.workspace_desc();
   if (ws.get_data_type() != memory::data_type::u8 ||
       ws.get_size() != static_cast<size_t>(g.n * g.oh * g.ow * g.c)) {

@@ -1,5 +1,6 @@
-"""The oneDNN CPU kernels (gnet_jax/onednn.py): convolutions, the fused inference
-convolution and max pools compute the same function as XLA's; the fallbacks."""
+"""The CPU plug-in (gnet_jax/cpu): its oneDNN/C++ convolutions, fused inference
+convolution, max pools and BatchNorms compute the same function as XLA's; its blocks give
+the model's function; model_blocks decides where they are used; the fallbacks."""
 import functools
 import os
 import subprocess
@@ -9,12 +10,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import flax.linen
-import ml_collections
 import numpy as np
 import pytest
 
+from gnet_jax import cpu, layers
 from gnet_jax import model as model_lib
-from gnet_jax import onednn, train_lib
+from gnet_jax.cpu import blocks, build, ops
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_builds_and_registers_here():
   # CI's machine is Linux x86-64 with g++ and requirements.txt's oneDNN wheels: a
   # fallback there would hide a broken build.
-  assert onednn.available()
+  assert build.available()
 
 
 def _value_and_grads(conv, x, w, strides, padding):
@@ -46,7 +47,7 @@ def test_matches_xla_value_and_gradients(batch, size, cin, cout, kernel, stride,
   w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout)), jnp.float32)
   strides = (stride, stride)
   expected = _value_and_grads(lax.conv_general_dilated, x, w, strides, padding)
-  got = _value_and_grads(onednn.conv_general_dilated, x, w, strides, padding)
+  got = _value_and_grads(ops.conv_general_dilated, x, w, strides, padding)
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
 
@@ -59,7 +60,7 @@ def test_calls_onednn_for_float32_nhwc_and_xla_otherwise():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)), jnp.float32)
   w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 4)), jnp.float32)
   pad = ((1, 1), (1, 1))
-  conv = onednn.conv_general_dilated
+  conv = ops.conv_general_dilated
   assert _custom_calls(lambda x, w: conv(x, w, (1, 1), pad, dimension_numbers=NHWC), x, w) == 1
   cases = {  # what onednn_kernels.cc does not cover: each stays XLA's, with XLA's result
       'bfloat16': lambda c, x, w: c(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1),
@@ -97,7 +98,7 @@ def test_conv_bias_relu_matches_xla(stride, padding):
                                                 dimension_numbers=NHWC) + b)
 
   def ours(x, w, b):
-    return onednn.conv_bias_relu(x, w, b, (stride, stride), padding)
+    return ops.conv_bias_relu(x, w, b, (stride, stride), padding)
 
   assert jax.jit(ours).lower(x, w, b).as_text().count('GnetConvBiasReluForward') == 1
   for e, g in zip(jax.tree.leaves(value_and_grads(xla)), jax.tree.leaves(value_and_grads(ours))):
@@ -119,8 +120,8 @@ def test_winograd_matches_xla_and_covers_its_layers_only(monkeypatch):
     def convolve(x, w):
       return conv(x, w, (1, 1), pad, dimension_numbers=NHWC)
     fused = jax.nn.relu(convolve(x, w) + b)
-    if conv is onednn.conv_general_dilated:
-      fused = onednn.conv_bias_relu(x, w, b, (1, 1), pad)
+    if conv is ops.conv_general_dilated:
+      fused = ops.conv_bias_relu(x, w, b, (1, 1), pad)
     y, vjp = jax.vjp(convolve, x, w)
     return (fused, y, *vjp(dy))
 
@@ -129,7 +130,7 @@ def test_winograd_matches_xla_and_covers_its_layers_only(monkeypatch):
     w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
     b = jnp.asarray(rng.standard_normal(cout), jnp.float32)
     dy = jnp.asarray(rng.standard_normal((4, size, size, cout)), jnp.float32)
-    ours = jax.jit(functools.partial(run, onednn.conv_general_dilated))
+    ours = jax.jit(functools.partial(run, ops.conv_general_dilated))
     got = ours(x, w, b, dy)
     for e, g in zip(run(lax.conv_general_dilated, x, w, b, dy), got):
       np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
@@ -147,7 +148,7 @@ def test_winograd_matches_xla_and_covers_its_layers_only(monkeypatch):
     (1, 2, 3, 130),  # a single image, 6 rows
 ])
 def test_batch_norm_relu_matches_flax(shape):
-  """onednn.batch_norm_relu and model.batch_norm_relu (its XLA fallback) compute flax's
+  """ops.batch_norm_relu and model.batch_norm_relu (its XLA fallback) compute flax's
   BatchNorm in training then ReLU: output, running statistics and gradients."""
   rng = np.random.default_rng(0)
   c = shape[-1]
@@ -163,8 +164,8 @@ def test_batch_norm_relu_matches_flax(shape):
                         mutable=['batch_stats'])
     return jax.nn.relu(y), state['batch_stats']['mean'], state['batch_stats']['var']
 
-  xla = functools.partial(model_lib.batch_norm_relu, epsilon=1e-3, momentum=0.9)
-  ours = functools.partial(onednn.batch_norm_relu, epsilon=1e-3, momentum=0.9, fallback=xla)
+  xla = functools.partial(blocks.batch_norm_relu, epsilon=1e-3, momentum=0.9)
+  ours = functools.partial(ops.batch_norm_relu, epsilon=1e-3, momentum=0.9, fallback=xla)
 
   def value_and_grads(fn):
     def loss(x, scale, bias):
@@ -208,10 +209,12 @@ def test_model_same_function_with_and_without_onednn(train):
                     '@GnetBatchNormReluTraining(': 59 if train else 0,
                     '@GnetBatchNormReluBackward(': 59 if train else 0}
 
+  onednn_blocks = dict(conv_block=blocks.OneDNNConv, pool_block=blocks.OneDNNMaxPool)
+
   def grads_and_outputs(use_onednn):
     def loss(params):
       outputs = model_lib.apply_fn({**variables, 'params': params}, images, train=train,
-                                   onednn=use_onednn, **kwargs)
+                                   **(onednn_blocks if use_onednn else {}), **kwargs)
       if train:  # the logits and aux logits, and the new running statistics
         logits, stats = outputs
         return sum(jnp.sum(o * weights) for o in logits), outputs
@@ -224,7 +227,7 @@ def test_model_same_function_with_and_without_onednn(train):
 
   (grads_xla, outputs_xla), (grads, outputs) = grads_and_outputs(False), grads_and_outputs(True)
   if not train:  # not differentiated, the pools need no positions
-    text = jax.jit(functools.partial(model_lib.apply_fn, onednn=True, **kwargs)).lower(
+    text = jax.jit(functools.partial(model_lib.apply_fn, **onednn_blocks, **kwargs)).lower(
         variables, images).as_text()
     assert text.count('@GnetMaxPool(') == 13 and text.count('@GnetConvBiasReluForward(') == 57
   # In training, BatchNorm over 2 images (8 values per channel at 4e's 2x2) magnifies
@@ -245,12 +248,12 @@ def test_programs_for_gpu_and_tpu_get_xla_ops(monkeypatch):
   pad = ((1, 1), (1, 1))
 
   def loss(x, w):
-    y = onednn.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=NHWC)
-    y, _, _ = onednn.batch_norm_relu(
+    y = ops.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=NHWC)
+    y, _, _ = ops.batch_norm_relu(
         y, ones, ones, ones, ones, epsilon=1e-3, momentum=0.9,
-        fallback=functools.partial(model_lib.batch_norm_relu, epsilon=1e-3, momentum=0.9))
-    y = onednn.max_pool(y, 3, 2, pad, fallback=model_lib.max_pool)
-    return onednn.conv_bias_relu(y, w, ones, (1, 1), pad).sum()
+        fallback=functools.partial(blocks.batch_norm_relu, epsilon=1e-3, momentum=0.9))
+    y = ops.max_pool(y, 3, 2, pad, fallback=layers.max_pool_gathered)
+    return ops.conv_bias_relu(y, w, ones, (1, 1), pad).sum()
 
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w)
@@ -260,24 +263,37 @@ def test_programs_for_gpu_and_tpu_get_xla_ops(monkeypatch):
   assert '@Gnet' not in traced.lower(lowering_platforms=('cuda',)).as_text()
 
 
-def test_auto_uses_onednn_on_one_cpu_device_only():
-  config = ml_collections.ConfigDict({'model': {'cpu_convolutions': 'auto'}})
-  assert train_lib.use_onednn(config, num_devices=1)
-  assert not train_lib.use_onednn(config, num_devices=8)
-  config.model.cpu_convolutions = 'xla'
-  assert not train_lib.use_onednn(config, num_devices=1)
-  config.model.cpu_convolutions = 'onednn'
-  assert train_lib.use_onednn(config, num_devices=8)
-  config.model.cpu_convolutions = 'mkl'
+class _Device:
+  def __init__(self, platform):
+    self.platform = platform
+
+
+def test_model_blocks_decide_per_platform_and_device_count():
+  one_cpu, eight_cpus = [_Device('cpu')], [_Device('cpu')] * 8
+  onednn = {'conv_block': blocks.OneDNNConv, 'pool_block': blocks.OneDNNMaxPool}
+  assert cpu.model_blocks('auto', one_cpu) == onednn
+  assert cpu.model_blocks('auto', eight_cpus) == {'pool_block': layers.GatherMaxPool}
+  assert cpu.model_blocks('xla', one_cpu) == {'pool_block': layers.GatherMaxPool}
+  assert cpu.model_blocks('onednn', eight_cpus) == onednn
+  for platform in ('tpu', 'gpu'):  # the model's own blocks, whatever the choice
+    assert cpu.model_blocks('onednn', [_Device(platform)]) == {}
   with pytest.raises(ValueError, match="cpu_convolutions must be one of .*'mkl'"):
-    train_lib.use_onednn(config, num_devices=1)
+    cpu.model_blocks('mkl', one_cpu)
+
+
+def test_the_model_never_imports_the_cpu_plugin():
+  code = ('import sys, gnet_jax, gnet_jax.model, gnet_jax.layers, gnet_jax.spec\n'
+          'print(sorted(m for m in sys.modules if m.startswith("gnet_jax.cpu")))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  assert out.strip() == '[]'
 
 
 def test_build_failure_says_why(tmp_path, monkeypatch):
   monkeypatch.setenv('GNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
-  with pytest.raises(onednn.Unavailable, match='compiling onednn_kernels.cc failed'):
-    onednn._build()  # pylint: disable=protected-access
+  with pytest.raises(build.Unavailable, match='compiling onednn_kernels.cc failed'):
+    build.build()
   assert not list(tmp_path.rglob('*.so'))  # nothing half-written left behind
 
 
@@ -287,14 +303,14 @@ def test_off_switch_and_other_libraries_loaded_first():
   code = (
       'import torch, tensorflow, jax, jax.numpy as jnp, numpy as np\n'
       'from jax import lax\n'
-      'from gnet_jax import onednn\n'
+      'from gnet_jax.cpu import build, ops\n'
       'x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 8)), jnp.float32)\n'
       'w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)\n'
       'args = (x, w, (2, 2), ((1, 1), (1, 1)))\n'
       'dn = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))\n'
-      'np.testing.assert_allclose(onednn.conv_general_dilated(*args, **dn),\n'
+      'np.testing.assert_allclose(ops.conv_general_dilated(*args, **dn),\n'
       '                           lax.conv_general_dilated(*args, **dn), rtol=1e-4, atol=1e-4)\n'
-      'print("available", onednn.available())\n')
+      'print("available", build.available())\n')
   for switch, expected in (('1', 'available True'), ('0', 'available False')):
     env = {**os.environ, 'GNET_JAX_ONEDNN': switch, 'TF_CPP_MIN_LOG_LEVEL': '3'}
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, check=True,

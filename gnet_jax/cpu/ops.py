@@ -1,10 +1,10 @@
-"""GoogLeNet's float32 convolutions, max pools and BatchNorms on CPU, with oneDNN and
-plain C++, as XLA FFI calls with their own gradients.
+"""GoogLeNet's float32 convolutions, max pools and BatchNorms on CPU as XLA FFI calls
+(onednn_kernels.cc, oneDNN and plain C++), with their own gradients.
 
 XLA CPU computes convolutions with Eigen, whose kernel gradients run at a fraction of
 oneDNN's (the library PyTorch uses) on GoogLeNet's shapes, its max pools and their
-gradients took a sixth of the train step, and its BatchNorms were ~850 of the step's
-~1,430 compiled kernels (BENCHMARKS.md, changes 8, 9 and 11):
+gradients took a sixth of the train step, and its BatchNorms were most of the step's
+compiled kernels (BENCHMARKS.md, changes 8, 9 and 11):
 - `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
   `nn.Conv(conv_general_dilated=...)`);
 - `conv_bias_relu` is relu(conv(x, w) + b) in one call: an inference-mode
@@ -13,122 +13,27 @@ gradients took a sixth of the train step, and its BatchNorms were ~850 of the st
   first maximum;
 - `batch_norm_relu` is a training-mode BatchNorm (flax's arithmetic) and ReLU, one call
   forward and one backward.
-On CPU they call `onednn_kernels.cc`; elsewhere (GPU, TPU) and for what that file does
-not cover (other dtypes, dilation, groups, other layouts) they are XLA's. The 3x3
-convolutions at stride 1 with 64 or more channels (most of GoogLeNet's arithmetic) run as
-Winograd F(2x2, 3x3) in that file, 1.1-1.5x oneDNN's direct convolution, forward and
-input gradient (change 14); `GNET_JAX_WINOGRAD=0` keeps them on oneDNN's.
-
-The C++ file is compiled on first use with the system's C++ compiler against the oneDNN
-of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (requirements.txt) and kept in
-`~/.cache/gnet_jax/onednn` (`GNET_JAX_CACHE`), keyed by source and versions. Where it
-cannot be built or loaded (no compiler, not Linux x86-64), `available()` says why once
-and everything stays on XLA. `GNET_JAX_ONEDNN=0` turns it off.
+On CPU they call the library `build.available()` registers; in programs for GPU or TPU,
+and for what that file does not cover (other dtypes, dilation, groups, other layouts),
+they are XLA's. The 3x3 convolutions at stride 1 with 64 or more channels run as Winograd
+F(2x2, 3x3) (change 14); `GNET_JAX_WINOGRAD=0` keeps them on oneDNN's direct convolution.
 
 XLA cannot split these calls over devices: a program sharded over several devices would
-run each of them whole on every device. `train_lib` therefore uses them only when the
-step runs on a single CPU device.
+run each of them whole on every device, so `gnet_jax.cpu.model_blocks` uses them only
+for programs on a single CPU device.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import importlib.metadata
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name('onednn_kernels.cc')
-_TARGETS = ('GnetConvForward', 'GnetConvBiasReluForward', 'GnetConvBackwardData',
-            'GnetConvBackwardWeights', 'GnetMaxPool', 'GnetMaxPoolTraining',
-            'GnetMaxPoolBackward', 'GnetBatchNormReluTraining', 'GnetBatchNormReluBackward')
+from gnet_jax.cpu.build import available
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-
-
-class Unavailable(RuntimeError):
-  """The oneDNN kernels cannot be built or loaded here; the message says why."""
-
-
-def _package_file(dist: str, name: str) -> pathlib.Path:
-  try:
-    files = importlib.metadata.files(dist) or []
-  except importlib.metadata.PackageNotFoundError:
-    raise Unavailable(f'the {dist} package is not installed (pip install {dist}; '
-                      'requirements.txt has it for Linux x86-64)') from None
-  for f in files:
-    if f.name == name:
-      return pathlib.Path(f.locate()).resolve()
-  raise Unavailable(f'{dist} has no {name}; reinstall it')
-
-
-# -O3: the BatchNorm loops are vectorised only at -O3 with this g++ (12); -fopenmp-simd
-# honours the Winograd transforms' `omp simd` loops (no OpenMP runtime involved).
-CXXFLAGS = ('-O3', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
-
-
-def _build() -> pathlib.Path:
-  """The compiled library, built once per source, flags, jaxlib and oneDNN version."""
-  if platform.system() != 'Linux' or platform.machine() != 'x86_64':
-    raise Unavailable(f'oneDNN wheels exist for Linux x86-64, not {platform.system()} '
-                      f'{platform.machine()}')
-  header = _package_file('onednn-devel-cpu-gomp', 'dnnl.hpp')
-  include = header.parent.parent if header.parent.name == 'dnnl' else header.parent
-  libdnnl = _package_file('onednn-cpu-gomp', 'libdnnl.so')
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if not compiler:
-    raise Unavailable('no C++ compiler found (install g++, or set CXX)')
-  key = hashlib.sha256(b'\0'.join([
-      SOURCE.read_bytes(), ' '.join(CXXFLAGS).encode(),
-      importlib.metadata.version('jaxlib').encode(),
-      importlib.metadata.version('onednn-cpu-gomp').encode(), compiler.encode()]))
-  cache = pathlib.Path(os.environ.get('GNET_JAX_CACHE',
-                                      pathlib.Path.home() / '.cache' / 'gnet_jax'))
-  target = cache / 'onednn' / key.hexdigest()[:16] / 'libgnet_onednn.so'
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  logging.info('gnet_jax: compiling the oneDNN kernels into %s (once)', target)
-  # Compiled under a temporary name and renamed: a reader never sees half a library.
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    out = pathlib.Path(tmp) / target.name
-    command = [compiler, *CXXFLAGS, f'-I{jax.ffi.include_dir()}', f'-I{include}',
-               str(SOURCE), '-o', str(out), f'-L{libdnnl.parent}', '-ldnnl', '-lgomp',
-               f'-Wl,-rpath,{libdnnl.parent}']
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-      raise Unavailable(f'compiling {SOURCE.name} failed:\n{" ".join(command)}\n'
-                        f'{result.stderr[-3000:]}')
-    os.replace(out, target)
-  return target
-
-
-@functools.cache
-def available() -> bool:
-  """Whether the oneDNN kernels are built and registered (once per process)."""
-  if os.environ.get('GNET_JAX_ONEDNN', '1') == '0':
-    return False
-  try:
-    path = _build()
-    # DEEPBIND: oneDNN's symbols from its own library, not from a copy another library
-    # loaded into the process (torch and TensorFlow carry their own).
-    library = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
-  except (Unavailable, OSError) as e:
-    logging.warning('gnet_jax: CPU convolutions, max pools and BatchNorms stay on XLA: %s', e)
-    return False
-  for name in _TARGETS:
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
-                                platform='cpu')
-  return True
 
 
 def _call(target: str, result, operands, strides, padding):

@@ -1,0 +1,40 @@
+"""One path layer for every file a run reads or writes: local folders and object stores
+(`gs://bucket/run`) alike, through `etils.epath` (which Orbax and tfds use too).
+
+Workdirs, `config.data_dir`, `config.init_from` and `--checkpoint` all go through `path`.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+
+def is_remote(p) -> bool:
+  """Whether `p` names an object store (gs://, s3://, ...) rather than a local path."""
+  return '://' in os.fspath(p)
+
+
+def path(p) -> epath.Path:
+  """`p` as an epath.Path: local paths made absolute (with ~ expanded), URLs as they are."""
+  s = os.fspath(p)
+  if is_remote(s):
+    return epath.Path(s)
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def write_text_atomic(target, text: str) -> None:
+  """Writes `text` so that a reader sees the old file or the new one, never half of one:
+  locally through a temporary file and a rename; an object store's single write is
+  atomic already."""
+  target = path(target)
+  if is_remote(target):
+    target.write_text(text)
+    return
+  tmp = target.parent / f'.{target.name}.{uuid.uuid4().hex}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, target)

@@ -1,0 +1,90 @@
+"""What a config makes before any data flows: the model, optimizer, mesh and jitted steps.
+
+`build` is shared by the training loop, bench/benchmark.py and bench/tpu_report.py (which
+compiles it ahead of time for a TPU topology), so every figure measures the step
+train.py runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from gnet_jax import cpu
+from gnet_jax.model import GoogLeNet
+from gnet_jax.spec import ModelSpec
+from gnet_jax.train import state as state_lib
+from gnet_jax.train import steps as steps_lib
+from gnet_jax.train.mesh import Sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A config's model and jitted steps on a mesh.
+
+  init() builds the train state on the mesh; train_steps(state, batches, num_steps) runs
+  the first num_steps of config.steps_per_execution stacked batches
+  (`Sharding.stacked_batches`) and donates the state; eval_step(state, batch) sums the
+  eval metrics of a padded batch.
+  """
+  config: Any  # resolved: num_train_steps is the run's real step count
+  spec: ModelSpec
+  model: GoogLeNet
+  learning_rate_fn: Callable
+  tx: Any
+  sharding: Sharding
+  init: Callable
+  train_steps: Callable
+  eval_step: Callable
+  steps_per_epoch: int
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.config.num_train_steps)
+
+  def abstract_state(self):
+    return jax.eval_shape(self.init)
+
+
+def resolve_steps(config, num_train_examples: int) -> tuple[int, int]:
+  """(steps per epoch, total train steps); num_train_steps > 0 overrides num_epochs."""
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  if config.num_train_steps > 0:
+    return steps_per_epoch, config.num_train_steps
+  return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+
+
+def build(config, spec: ModelSpec, num_train_examples: int, devices=None) -> Experiment:
+  """The experiment of `config` for `spec` on `devices` (default: every device)."""
+  if config.steps_per_execution < 1:
+    raise ValueError('config.steps_per_execution (train steps per call) must be >= 1, got '
+                     f'{config.steps_per_execution}.')
+  steps_per_epoch, num_steps = resolve_steps(config, num_train_examples)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.num_train_steps = num_steps
+  sharding = Sharding.create(devices)
+  model = spec.build(dtype=jnp.dtype(config.model.dtype),
+                     **cpu.model_blocks(config.model.cpu_convolutions, sharding.devices))
+  learning_rate_fn = state_lib.create_learning_rate_fn(config, steps_per_epoch)
+  tx = state_lib.create_optimizer(config, learning_rate_fn)
+  init = jax.jit(functools.partial(state_lib.create_train_state, config, model, tx,
+                                   spec.image_size),
+                 out_shardings=sharding.replicated)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated, jax.eval_shape(init))
+  step_fn = functools.partial(steps_lib.train_step, model=model,
+                              learning_rate_fn=learning_rate_fn,
+                              label_smoothing=config.label_smoothing,
+                              skip_nonfinite=config.skip_nonfinite_steps)
+  train = jax.jit(functools.partial(steps_lib.train_steps, step_fn=step_fn),
+                  in_shardings=(state_sharding, sharding.stacked, sharding.replicated),
+                  out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(steps_lib.eval_step, model=model),
+                     in_shardings=(state_sharding, sharding.data),
+                     out_shardings=sharding.replicated)
+  return Experiment(config=config, spec=spec, model=model, learning_rate_fn=learning_rate_fn,
+                    tx=tx, sharding=sharding, init=init, train_steps=train,
+                    eval_step=evaluate, steps_per_epoch=steps_per_epoch)
