@@ -44,11 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_bn = True  # False builds the paper's network without BatchNorm.
   # torchvision's input transform; its converted ImageNet weights need True.
   config.model.transform_input = False
-  config.model.dtype = 'float32'  # Computation dtype; parameters stay float32.
+  # Computation dtype; parameters stay float32. 'bfloat16' on TPU and A100/H100 GPUs;
+  # 'float16' for GPUs without fast bf16 (T4, V100): with a dynamic loss scale that skips
+  # overflowing steps and is checkpointed (gnet_jax/train/state.py).
+  config.model.dtype = 'float32'
   # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/cpu/,
   # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device
   # (gnet_jax.cpu.model_blocks decides). GPU and TPU always use XLA's.
   config.model.cpu_convolutions = 'auto'
+  # Recompute each Inception block's activations in the backward pass instead of keeping
+  # them: less accelerator memory (larger batches), more FLOPs. Same function.
+  config.model.remat = False
 
   # --- Optimisation (gnet_jax/train/) ---
   config.seed = 0  # Initialisation, dropout and data order all derive from it.
@@ -70,10 +76,25 @@ def get_config() -> ml_collections.ConfigDict:
   # mostly page faults on XLA's fresh temporaries, is paid once for all of them. Calls
   # end at every log, eval and checkpoint step; training is the same for any value.
   config.steps_per_execution = 1
+  # Gradient accumulation: one update from the mean gradient of k batches, i.e. of a
+  # k-times larger batch (the lr scales with batch_size * k, its schedule counts updates).
+  # BatchNorm statistics are those of each batch of batch_size, as in every framework.
+  # Steps, logging and checkpoints count batches; a resume mid-cycle is exact.
+  config.grad_accum_steps = 1
+  # Weight EMA: > 0 (e.g. 0.9999) keeps an exponential moving average of the parameters
+  # and BatchNorm statistics, checkpointed, evaluated ('eval_ema' rows beside 'eval') and
+  # used by load_variables, predict and export unless they are asked for the raw ones.
+  config.ema_decay = 0.0
 
   # --- What a person sees (gnet_jax/metrics.py) ---
   config.log_every_steps = 100  # Train metrics to TensorBoard and metrics.jsonl.
   config.eval_every_steps = 5000  # Full eval split; <= 0: only at the end.
+  # 'first,last' (e.g. '100,105'): a jax.profiler trace of those steps in WORKDIR/profile,
+  # for TensorBoard's profile plugin and Perfetto. '' : none.
+  config.profile_steps = ''
+  # Also log to Weights & Biases under this project (needs `pip install wandb`; set
+  # WANDB_MODE=offline to log without network). '' : off.
+  config.wandb_project = ''
 
   # --- Checkpoints (gnet_jax/checkpoint.py), in <workdir>/checkpoints ---
   # A run started on a workdir with checkpoints resumes from the newest good one.

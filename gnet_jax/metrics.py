@@ -229,15 +229,15 @@ def write_config(config, workdir) -> None:
                           config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def create_writers(config, workdir, *, start_step: int, num_steps: int,
-                   enabled: bool) -> Writers:
-  """metrics.jsonl, TensorBoard, the console and (config.wandb_project) W&B; none where
-  not `enabled` (processes other than 0)."""
+def create_writers(config, workdir, *, start_step: int, num_steps: int, enabled: bool,
+                   extra=()) -> Writers:
+  """metrics.jsonl, TensorBoard, the console, (config.wandb_project) W&B and `extra`; none
+  where not `enabled` (processes other than 0)."""
   if not enabled:
     return Writers([], workdir, enabled=False)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   writers = [JsonlWriter(workdir), TensorBoardWriter(workdir),
-             ConsoleWriter(start_step, num_steps)]
+             ConsoleWriter(start_step, num_steps), *extra]
   if config.get('wandb_project'):
     writers.append(WandbWriter(config.wandb_project, config, workdir))
   return Writers(writers, workdir)

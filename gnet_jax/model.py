@@ -182,8 +182,9 @@ class GoogLeNet(nn.Module):
     transform_input: torchvision's input transform (its pretrained weights need it).
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32, BatchNorm
       statistics are reduced in float32, and the logits are returned as float32.
-    conv_block, pool_block: the conv -> BatchNorm -> ReLU block and the max pool; any
-      replacement computes the same function with the same variables.
+    conv_block, pool_block, inception_block: the conv -> BatchNorm -> ReLU block, the max
+      pool and the Inception block; a replacement (a platform's faster kernels,
+      rematerialisation) computes the same function with the same variables.
 
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a
   `GoogLeNetOutputs(logits, aux_4a, aux_4d)`.
@@ -198,6 +199,7 @@ class GoogLeNet(nn.Module):
   dtype: Any = jnp.float32
   conv_block: ModuleDef = BasicConv
   pool_block: ModuleDef = MaxPool
+  inception_block: ModuleDef = Inception
 
   def _check_input(self, x):
     if self.variant not in VARIANTS:
@@ -228,9 +230,9 @@ class GoogLeNet(nn.Module):
       return self.pool_block(window, 2, ceil_mode=v.ceil_mode, name=name)
 
     def inception(name):
-      return Inception(*INCEPTION_WIDTHS[name], ch5x5_kernel=v.ch5x5_kernel,
-                       conv_block=self.conv_block, pool_block=self.pool_block, name=name,
-                       **common)
+      return self.inception_block(*INCEPTION_WIDTHS[name], ch5x5_kernel=v.ch5x5_kernel,
+                                  conv_block=self.conv_block, pool_block=self.pool_block,
+                                  name=name, **common)
 
     def aux(name):
       return AuxHead(self.num_classes, self.aux_dropout_rate, paper_pool=v.paper_aux_pool,

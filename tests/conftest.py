@@ -1,5 +1,8 @@
 """Shared test fixtures."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,7 +11,11 @@ try:  # triton (torch's, imported by torchvision) before TensorFlow: imported af
 except ImportError:  # no CUDA build of torch here: nothing clashes
   pass
 
+import gcs_emulator  # pylint: disable=wrong-import-position
 from gnet_jax import cpu  # pylint: disable=wrong-import-position
+
+# Every library that could reach Google's servers stays on this machine (read at import).
+os.environ.update(gcs_emulator.OFFLINE_ENV)
 
 # The settings train.py uses; also makes the suite faster. Subprocesses inherit them.
 cpu.use_fast_cpu_kernels()
@@ -43,3 +50,25 @@ def digits_data_dir(tmp_path_factory):
   config.data_dir = data_dir
   data.get_dataset_info(config)  # writes the tfds files on first use
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """'gs://bucket' on a fake GCS served on 127.0.0.1 (tests/gcs_emulator.py) for the
+  session; the test process's environment (and so its subprocesses') points at it."""
+  proc = subprocess.Popen([sys.executable, gcs_emulator.__file__], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    endpoint = json.loads(proc.stdout.readline())['endpoint']
+    env = gcs_emulator.client_env(endpoint)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield 'gs://bucket'
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  finally:
+    proc.stdin.close()
+    proc.wait(timeout=30)

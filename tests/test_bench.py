@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gnet_jax import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +22,8 @@ def run_script(*args, timeout=600):
   return proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_benchmark_compares_with_torchvision(tmp_path):
   out = run_script('bench/benchmark.py', '--batch_size', '2', '--image_size', '32',
                    '--steps', '2', '--warmup', '1', '--compare', 'torchvision',
@@ -69,6 +73,8 @@ def test_benchmark_curve_over_batch_sizes(tmp_path):
   assert (tmp_path / 'curve.png').stat().st_size > 0
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_accelerator_script_runs_on_cpu(tmp_path):
   out = run_script('bench/accelerator.py', '--smoke', '--out', str(tmp_path))
   with open(tmp_path / 'accelerator.json') as f:

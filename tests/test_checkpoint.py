@@ -23,7 +23,6 @@ import pytest
 from configs import quickstart
 from gnet_jax import ModelSpec, checkpoint, metrics
 
-pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -123,6 +122,7 @@ def reference(digits_data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_reference_run_checkpoints_and_load_variables(reference):
   assert finalized(reference) == [3, 6, 8]
   variables = checkpoint.load_variables(reference)
@@ -140,6 +140,7 @@ def test_reference_run_checkpoints_and_load_variables(reference):
     checkpoint.load_variables(reference, step=5)
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, reference, tmp_path,
                                                        monkeypatch):
   workdir = str(tmp_path / 'killed')
@@ -182,6 +183,33 @@ def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, referenc
   assert_same_variables(checkpoint.load_variables(workdir), checkpoint.load_variables(reference))
 
 
+@pytest.mark.slow
+def test_sigkill_mid_accumulation_with_ema_then_resume_is_exact(digits_data_dir, tmp_path):
+  """grad_accum_steps=2 and ema_decay=0.9 together: checkpoint 3 falls in the middle of an
+  accumulation cycle; killed after it, the resumed run ends bitwise equal to an
+  uninterrupted one: metrics (eval and eval_ema), raw and EMA variables."""
+  args = lambda workdir: overrides(digits_data_dir, workdir) + [
+      '--config.grad_accum_steps=2', '--config.ema_decay=0.9']
+  uninterrupted, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'killed')
+  reference = start(args(uninterrupted))
+  proc = start(args(workdir))
+  wait_for(lambda: 3 in finalized(workdir) and 4 in logged_steps(workdir), proc,
+           'checkpoint 3 and step 4')
+  kill9(proc)
+  out = finish(start(args(workdir)))
+  finish(reference)
+  assert f'Resumed from checkpoint {checkpoint.checkpoint_dir(workdir)}/3' in out
+  assert records(workdir) == records(uninterrupted)
+  assert [r['split'] for r in records(workdir)][-2:] == ['eval', 'eval_ema']
+  for ema in (False, True):
+    assert_same_variables(checkpoint.load_variables(workdir, ema=ema),
+                          checkpoint.load_variables(uninterrupted, ema=ema))
+  assert not np.array_equal(  # the EMA is not the raw parameters
+      jax.tree.leaves(checkpoint.load_variables(workdir, ema=True)['params'])[0],
+      jax.tree.leaves(checkpoint.load_variables(workdir, ema=False)['params'])[0])
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_and_restores_on_other_device_counts(
     digits_data_dir, reference, tmp_path):
   workdir = str(tmp_path / 'preempted')
@@ -247,6 +275,7 @@ def corrupt_copy(reference, tmp_path, name):
   return workdir
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_and_resumes_exactly(
     digits_data_dir, reference, tmp_path):
   workdir = corrupt_copy(reference, tmp_path, 'truncated')
@@ -273,6 +302,7 @@ def fields_for(config, num_classes=10):
   return checkpoint.run_fields(config, ModelSpec.from_config(config, num_classes))
 
 
+@pytest.mark.slow
 def test_deleted_files_and_broken_metadata_fall_back_with_a_warning(reference, tmp_path,
                                                                      capsys):
   workdir = corrupt_copy(reference, tmp_path, 'deleted')
@@ -301,6 +331,7 @@ def test_deleted_files_and_broken_metadata_fall_back_with_a_warning(reference, t
   assert finalized(workdir) == [3]
 
 
+@pytest.mark.slow
 def test_mismatched_config_is_named(digits_data_dir, reference, tmp_path):
   workdir = corrupt_copy(reference, tmp_path, 'mismatch')
   proc = start(overrides(digits_data_dir, workdir) + ['--config.model.aux_logits=False'])
@@ -316,6 +347,7 @@ def test_mismatched_config_is_named(digits_data_dir, reference, tmp_path):
     checkpoint.check_compatible(saved, fields_for(config, 100), 8, workdir)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     digits_data_dir, tmp_path):
   workdir, skipping = str(tmp_path / 'nan'), str(tmp_path / 'skip')

@@ -18,7 +18,7 @@ from gnet_jax.convert import check_same_tree, expected_variables, main
 from gnet_jax.convert import torchvision_to_flax
 from gnet_jax.model import GoogLeNetOutputs, apply_fn
 
-pytestmark = [pytest.mark.slow, pytest.mark.torch]
+pytestmark = pytest.mark.torch
 
 NUM_CLASSES = 100
 BATCH = 2
@@ -94,6 +94,7 @@ def torch_eval(model, x, transform_input):
 #   224: 112 56 28 14 7    160: 80 40 20 10 5
 #   299: 150 75 37 (38) 18 (19) 9    193: 97 48 (49) 24 (25) 12 (13) 6
 #   250: 125 62 (63) 31 (32) 15 (16) 8, the 2x2/2 pool4 keeping a partial last window.
+@pytest.mark.slow
 @pytest.mark.parametrize('height,width,transform_input', [
     (224, 224, True), (160, 160, False), (299, 299, True), (193, 250, False)])
 def test_eval_logits_match_torchvision(torch_model, variables, height, width, transform_input):
@@ -124,6 +125,7 @@ def biased_running_var(old_model, new_model, counts):
 
 
 # The aux heads (run only in training) pool 14x14 and 12x15 adaptively to 4x4 here.
+@pytest.mark.slow
 @pytest.mark.parametrize('height,width,transform_input', [(224, 224, True), (193, 250, False)])
 def test_train_outputs_and_batch_stats_match_torchvision(torch_model, variables, height, width,
                                                          transform_input):
@@ -163,6 +165,7 @@ def test_train_outputs_and_batch_stats_match_torchvision(torch_model, variables,
   assert stat_errs[worst] <= RTOL, (worst, stat_errs[worst])
 
 
+@pytest.mark.slow
 def test_cli_round_trip(torch_model, variables, tmp_path):
   path = tmp_path / 'googlenet.pth'
   torch.save(torch_model.state_dict(), path)
@@ -182,6 +185,7 @@ def test_cli_round_trip(torch_model, variables, tmp_path):
   assert rel_err(_apply(loaded, x_ours, **model_kwargs), theirs) <= RTOL
 
 
+@pytest.mark.slow
 def test_numpy_state_dict_and_no_aux_heads():
   model = make_torch_model(aux_logits=False, num_classes=10, seed=1)
   state_dict = {k: v.numpy() for k, v in model.state_dict().items()}

@@ -184,6 +184,7 @@ def test_batch_norm_relu_matches_flax(shape):
   assert 'Gnet' not in jax.jit(ours).lower(*bf16).as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train', [False, True])
 def test_model_same_function_with_and_without_onednn(train):
   """Every convolution, max pool and BatchNorm of the network goes to oneDNN or
@@ -297,6 +298,8 @@ def test_build_failure_says_why(tmp_path, monkeypatch):
   assert not list(tmp_path.rglob('*.so'))  # nothing half-written left behind
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_off_switch_and_other_libraries_loaded_first():
   """GNET_JAX_ONEDNN=0 keeps XLA's convolutions; with torch and TensorFlow (which carry
   their own oneDNN) imported first, the results are still right."""

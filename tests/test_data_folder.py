@@ -363,6 +363,7 @@ def test_jpeg_completeness_check(save):
     assert not bool(preprocess.jpeg_is_complete(tf.constant(whole[:int(len(whole) * fraction)])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fraction', [0.5, 0.8, 0.95])
 def test_truncated_jpeg_is_reported_whatever_the_crop(tmp_path, fraction, caplog):
   """A JPEG cut at 50/80/95% stops every epoch with its name (20 epochs, 20 different

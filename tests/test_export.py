@@ -23,6 +23,7 @@ def test_stablehlo_round_trip_any_batch(model, tmp_path):
   assert call(images[:1]).shape == (1, 10)  # the batch dimension is symbolic
 
 
+@pytest.mark.slow
 def test_saved_model_serving_signature(model, tmp_path):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   variables, images, expected = model

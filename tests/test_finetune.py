@@ -8,6 +8,8 @@ import pytest
 from configs import quickstart
 from gnet_jax import ModelSpec, checkpoint, convert, export, init_fn, predict
 
+pytestmark = pytest.mark.slow
+
 CONVERTED = dict(variant='torchvision', aux_logits=True, transform_input=True)
 
 

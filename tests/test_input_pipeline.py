@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -115,10 +115,10 @@ def test_train_batch_shapes_dtypes_ranges(digits_dir, augment):
 def test_bfloat16_output(digits_dir):
   config = make_config(digits_dir, input_dtype='bfloat16')
   batch = next(ip.create_train_iterator(config, process_index=0, process_count=1))
-  assert batch['image'].dtype == ml_dtypes.bfloat16
+  assert batch['image'].dtype == jnp.bfloat16
   assert batch['label'].dtype == np.int32
   evaluation = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
-  assert evaluation['image'].dtype == ml_dtypes.bfloat16
+  assert evaluation['image'].dtype == jnp.bfloat16
 
 
 def test_eval_batch_shapes_and_values(digits_dir):
@@ -187,6 +187,7 @@ print(h.hexdigest())
 '''
 
 
+@pytest.mark.slow
 def test_same_batches_in_another_run(digits_dir):
   config = make_config(digits_dir, augment='inception', shuffle_buffer=300, seed=7)
   it = ip.create_train_iterator(config, start_step=40, process_index=1, process_count=2)

@@ -3,6 +3,9 @@ import os
 
 import nbclient
 import nbformat
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,10 +15,12 @@ OPTIONS = dict(variant='torchvision', aux_logits=False, transform_input=True)
 @pytest.fixture(scope='module')
 def weights_dir(tmp_path_factory):
   variables = jax.jit(lambda x: init_fn(jax.random.key(0), x, **OPTIONS))(
-      jnp.zeros((1, 224, 224, 3)))
+      jnp.zeros((1, 32, 32, 3)))
   out = tmp_path_factory.mktemp('converted')
+  # ImageNet's classes at 64x64 (the weights fit any size): quick on a CPU.
   convert.save_converted(variables, ModelSpec(
-      num_classes=1000, class_names=convert.imagenet_class_names(), **OPTIONS), out)
+      num_classes=1000, class_names=convert.imagenet_class_names(), image_size=64,
+      **OPTIONS), out)
   return out
 
 

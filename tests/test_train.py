@@ -55,9 +55,19 @@ def train_losses(workdir):
   return [r['loss'] for r in metrics.read_metrics(workdir) if r['split'] == 'train']
 
 
+class Recorder(metrics.Writer):
+  """A writer of one's own, as train_and_evaluate(writers=...) takes them."""
+
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, split, scalars):
+    self.rows.append({'step': step, 'split': split, **scalars})
+
+
 @pytest.fixture(scope='module')
 def short_run(digits_data_dir, tmp_path_factory):
-  """Three steps of the quickstart recipe in this process."""
+  """Three steps of the quickstart recipe in this process, steps 2-3 profiled."""
   workdir = str(tmp_path_factory.mktemp('run'))
   config = quickstart.get_config()
   config.data_dir = digits_data_dir
@@ -65,12 +75,14 @@ def short_run(digits_data_dir, tmp_path_factory):
   config.batch_size = 16
   config.log_every_steps = 1
   config.eval_every_steps = 3
-  state = train.train_and_evaluate(config, workdir)
-  return workdir, state
+  config.profile_steps = '2,3'
+  recorder = Recorder()
+  state = train.train_and_evaluate(config, workdir, writers=[recorder])
+  return workdir, state, recorder
 
 
 def test_a_few_steps_write_metrics_events_and_curves(short_run):
-  workdir, state = short_run
+  workdir, state, _ = short_run
   assert int(state.step) == 3
   records = metrics.read_metrics(workdir)
   rows = [r for r in records if r['split'] == 'train']
@@ -87,10 +99,11 @@ def test_a_few_steps_write_metrics_events_and_curves(short_run):
     assert json.load(f)['num_train_steps'] == 3
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_train_the_same(short_run, digits_data_dir, tmp_path):
   """config.steps_per_execution changes how steps are dispatched, not what they compute:
   short_run's three steps again, as calls of 2 and 1 steps of up to 3 (logged at 2 and 3)."""
-  workdir, state = short_run
+  workdir, state, _ = short_run
   config = quickstart.get_config()
   config.data_dir = digits_data_dir
   config.num_train_steps, config.batch_size, config.eval_every_steps = 3, 16, 3
@@ -111,7 +124,7 @@ def test_several_steps_per_call_train_the_same(short_run, digits_data_dir, tmp_p
 
 def test_tensorboard_events_hold_the_scalars(short_run):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  workdir, _ = short_run
+  workdir, _, _ = short_run
   tags = set()
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -120,6 +133,25 @@ def test_tensorboard_events_hold_the_scalars(short_run):
           'eval/top1', 'eval/top5'} <= tags
 
 
+@pytest.mark.slow
+def test_extra_writers_get_every_row(short_run):
+  workdir, _, recorder = short_run
+  assert recorder.rows == metrics.read_metrics(workdir)
+
+
+def test_profile_trace_of_the_asked_steps_names_the_train_step(short_run):
+  """--config.profile_steps=2,3: a trace TensorBoard's profile plugin and Perfetto read."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  workdir, _, _ = short_run
+  (run,) = glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*'))
+  assert glob.glob(os.path.join(run, '*.xplane.pb'))
+  (perfetto,) = glob.glob(os.path.join(run, '*perfetto_trace.json.gz'))
+  trace = json.loads(gzip.decompress(open(perfetto, 'rb').read()))
+  names = {e.get('name', '') for e in trace['traceEvents']}
+  assert any('train_steps' in n for n in names), sorted(names)[:50]
+
+
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses(digits_data_dir, tmp_path):
   one = start_train(tiny_overrides(digits_data_dir, tmp_path / 'one'), devices=1)
   eight = start_train(tiny_overrides(digits_data_dir, tmp_path / 'eight'), devices=8)
@@ -136,6 +168,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(digits_data_dir, tmp_path):
   port = free_port()
   # One call of three steps, logged once.

@@ -10,11 +10,12 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gnet_jax import cpu
-from gnet_jax.model import GoogLeNet
+from gnet_jax.model import GoogLeNet, Inception
 from gnet_jax.spec import ModelSpec
 from gnet_jax.train import state as state_lib
 from gnet_jax.train import steps as steps_lib
@@ -27,8 +28,8 @@ class Experiment:
 
   init() builds the train state on the mesh; train_steps(state, batches, num_steps) runs
   the first num_steps of config.steps_per_execution stacked batches
-  (`Sharding.stacked_batches`) and donates the state; eval_step(state, batch) sums the
-  eval metrics of a padded batch.
+  (`Sharding.stacked_batches`) and donates the state; eval_step(variables, batch) sums the
+  eval metrics of a padded batch for {'params', 'batch_stats'} (the state's or its EMA).
   """
   config: Any  # resolved: num_train_steps is the run's real step count
   spec: ModelSpec
@@ -57,8 +58,21 @@ def resolve_steps(config, num_train_examples: int) -> tuple[int, int]:
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
 
 
-def build(config, spec: ModelSpec, num_train_examples: int, devices=None) -> Experiment:
-  """The experiment of `config` for `spec` on `devices` (default: every device)."""
+def model_blocks(config, devices) -> dict:
+  """The blocks the model is built with for `devices`: the CPU plug-in's choice
+  (`cpu.model_blocks`) and, with config.model.remat, Inception blocks that recompute their
+  activations in the backward pass instead of keeping them (less memory, more FLOPs)."""
+  blocks = cpu.model_blocks(config.model.cpu_convolutions, devices)
+  if config.model.get('remat', False):
+    # Argument 2 of Inception.__call__(self, x, train) is a Python bool.
+    blocks['inception_block'] = nn.remat(Inception, static_argnums=(2,))
+  return blocks
+
+
+def build(config, spec: ModelSpec, num_train_examples: int, devices=None,
+          blocks: dict | None = None) -> Experiment:
+  """The experiment of `config` for `spec` on `devices` (default: every device); `blocks`
+  replaces `model_blocks(config, devices)` (bench/tpu_report.py compares choices)."""
   if config.steps_per_execution < 1:
     raise ValueError('config.steps_per_execution (train steps per call) must be >= 1, got '
                      f'{config.steps_per_execution}.')
@@ -67,8 +81,9 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None) -> Exp
   with config.unlocked():
     config.num_train_steps = num_steps
   sharding = Sharding.create(devices)
-  model = spec.build(dtype=jnp.dtype(config.model.dtype),
-                     **cpu.model_blocks(config.model.cpu_convolutions, sharding.devices))
+  if blocks is None:
+    blocks = model_blocks(config, sharding.devices)
+  model = spec.build(dtype=jnp.dtype(config.model.dtype), **blocks)
   learning_rate_fn = state_lib.create_learning_rate_fn(config, steps_per_epoch)
   tx = state_lib.create_optimizer(config, learning_rate_fn)
   init = jax.jit(functools.partial(state_lib.create_train_state, config, model, tx,
@@ -78,12 +93,14 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None) -> Exp
   step_fn = functools.partial(steps_lib.train_step, model=model,
                               learning_rate_fn=learning_rate_fn,
                               label_smoothing=config.label_smoothing,
-                              skip_nonfinite=config.skip_nonfinite_steps)
+                              skip_nonfinite=config.skip_nonfinite_steps,
+                              grad_accum_steps=config.grad_accum_steps,
+                              ema_decay=config.ema_decay)
   train = jax.jit(functools.partial(steps_lib.train_steps, step_fn=step_fn),
                   in_shardings=(state_sharding, sharding.stacked, sharding.replicated),
                   out_shardings=(state_sharding, sharding.replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(steps_lib.eval_step, model=model),
-                     in_shardings=(state_sharding, sharding.data),
+                     in_shardings=(sharding.replicated, sharding.data),
                      out_shardings=sharding.replicated)
   return Experiment(config=config, spec=spec, model=model, learning_rate_fn=learning_rate_fn,
                     tx=tx, sharding=sharding, init=init, train_steps=train,

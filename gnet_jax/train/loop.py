@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import tempfile
 import time
 
 import jax
@@ -122,11 +123,12 @@ def _persistent_cache_hits():
     jax.monitoring.unregister_event_listener(listener)
 
 
-def evaluate(exp: experiment.Experiment, state, config, source) -> dict[str, float]:
-  """Loss, top-1 and top-5 over the whole eval split, every example counted once."""
+def evaluate(exp: experiment.Experiment, variables, config, source) -> dict[str, float]:
+  """Loss, top-1 and top-5 of `variables` ({'params', 'batch_stats'}) over the whole eval
+  split, every example counted once."""
   totals = None
   for batch in data.create_eval_iterator(config, source=source):
-    sums = exp.eval_step(state, exp.sharding.global_batch(batch))
+    sums = exp.eval_step(variables, exp.sharding.global_batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -134,10 +136,60 @@ def evaluate(exp: experiment.Experiment, state, config, source) -> dict[str, flo
           'top5': float(totals['top5']) / count, 'count': int(count)}
 
 
+class _Profiler:
+  """A jax.profiler trace of steps first..last (config.profile_steps 'first,last', as
+  logged: step n is the n-th batch) in WORKDIR/profile, for TensorBoard's profile plugin
+  (`tensorboard --logdir WORKDIR`) and Perfetto (its perfetto_trace.json.gz)."""
+
+  def __init__(self, steps: str, workdir, num_steps: int):
+    try:
+      self.first, self.last = (int(s) for s in steps.split(','))
+    except ValueError:
+      raise ValueError(f"config.profile_steps={steps!r}: give 'first,last', e.g. '10,12' "
+                       "(or '' for no profile).") from None
+    if not 1 <= self.first <= self.last <= num_steps:
+      raise ValueError(f'config.profile_steps={steps!r}: need 1 <= first <= last <= '
+                       f'{num_steps} (the run\'s steps).')
+    self.target = paths.path(workdir) / 'profile'
+    # The profiler writes local files; an object-store workdir gets a copy at the end.
+    self.local = (self.target if not paths.is_remote(self.target) else
+                  paths.path(tempfile.mkdtemp(prefix='gnet_jax_profile_')))
+    self.active = False
+
+  def boundaries(self) -> tuple[int, int]:
+    """Steps where train calls must end: the trace covers whole calls."""
+    return self.first - 1, self.last
+
+  def annotate(self, step: int):
+    return jax.profiler.StepTraceAnnotation('train', step_num=step) if self.active else (
+        contextlib.nullcontext())
+
+  def before_call(self, step: int) -> None:
+    if step == self.first - 1:
+      jax.profiler.start_trace(str(self.local), create_perfetto_trace=True)
+      self.active = True
+
+  def after_call(self, step: int, state, log) -> None:
+    if not (self.active and step >= self.last):
+      return
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active = False
+    if self.local != self.target:
+      for f in self.local.rglob('*'):
+        if f.is_file():
+          dest = self.target / f.relative_to(self.local)
+          dest.parent.mkdir(parents=True, exist_ok=True)
+          dest.write_bytes(f.read_bytes())
+    log(f'Profiled steps {self.first}-{self.last} into {self.target} (TensorBoard: '
+        f'tensorboard --logdir {self.target.parent}, Profile tab; Perfetto: '
+        'perfetto_trace.json.gz at https://ui.perfetto.dev).')
+
+
 class _Run:
   """One call of train_and_evaluate: what it built, and the named pieces of its loop."""
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, writers=()):
     self.workdir = paths.path(workdir)
     self.lead = jax.process_index() == 0
     self.source = data.build_source(config)  # built once: folders are scanned once
@@ -151,6 +203,9 @@ class _Run:
       metrics.write_config(self.config, self.workdir)
       self.spec.save(self.workdir)
     self.info = info
+    self.extra_writers = list(writers)
+    self.profiler = (_Profiler(self.config.profile_steps, self.workdir, self.exp.num_steps)
+                     if self.config.get('profile_steps') else None)
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir, max_to_keep=self.config.checkpoint_max_to_keep,
         keep_best=self.config.checkpoint_keep_best, async_save=self.config.checkpoint_async)
@@ -214,12 +269,25 @@ class _Run:
     return compiled
 
   def call_lengths(self, step: int):
-    """Steps in the call starting at `step`: calls end at log, eval and checkpoint steps."""
+    """Steps in the call starting at `step`: calls end at log, eval and checkpoint steps,
+    and where a profile starts and ends."""
     c = self.config
     bounds = [b for b in (c.log_every_steps, self.eval_every, c.checkpoint_every_steps)
               if b > 0]
+    marks = [m - step for m in (self.profiler.boundaries() if self.profiler else ())
+             if m > step]
     return min(c.steps_per_execution, self.exp.num_steps - step,
-               *(b - step % b for b in bounds))
+               *(b - step % b for b in bounds), *marks)
+
+  def evaluate(self, writers, state, step: int):
+    """Evaluates the state's variables ('eval') and, with config.ema_decay, their EMA
+    ('eval_ema'); returns the former's metrics (the best checkpoint is by these)."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    eval_metrics = evaluate(self.exp, variables, self.config, self.source)
+    writers.write(step, 'eval', eval_metrics)
+    if state.ema is not None:
+      writers.write(step, 'eval_ema', evaluate(self.exp, state.ema, self.config, self.source))
+    return eval_metrics
 
   @property
   def eval_every(self) -> int:
@@ -232,7 +300,8 @@ class _Run:
     if self.lead:
       metrics.truncate_metrics(self.workdir, start_step)
     writers = metrics.create_writers(c, self.workdir, start_step=start_step,
-                                     num_steps=num_steps, enabled=self.lead)
+                                     num_steps=num_steps, enabled=self.lead,
+                                     extra=self.extra_writers)
     info = self.info
     writers.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
                 f'{info.num_classes} classes; {num_steps} steps of global batch '
@@ -256,17 +325,21 @@ class _Run:
                                                     c.steps_per_execution)
         if train_fn is None:
           train_fn = self.compile(state, batches, n, writers)
-        state, history = train_fn(state, batches, np.int32(n))
+        if self.profiler:
+          self.profiler.before_call(step)
+        with self.profiler.annotate(step + 1) if self.profiler else contextlib.nullcontext():
+          state, history = train_fn(state, batches, np.int32(n))
         window.add(history, n)
         step += n
+        if self.profiler:
+          self.profiler.after_call(step, state, writers.log)
         writers.advance(n)
         if step % c.log_every_steps == 0 or step == num_steps:
           self.log_train(writers, window, step)
           window = _Window()
         eval_metrics = None
         if step % self.eval_every == 0 or step == num_steps:
-          eval_metrics = evaluate(self.exp, state, c, self.source)
-          writers.write(step, 'eval', eval_metrics)
+          eval_metrics = self.evaluate(writers, state, step)
           window.started = time.perf_counter()  # eval time is not train throughput
         # Each step is offered to the preemption check, as multi-process JAX expects.
         preempted = any(preemption.reached(s) for s in range(step - n + 1, step + 1))
@@ -287,11 +360,12 @@ class _Run:
     return state
 
 
-def train_and_evaluate(config, workdir) -> TrainState:
+def train_and_evaluate(config, workdir, writers=()) -> TrainState:
   """Trains GoogLeNet as the config says, evaluating on the way; returns the final state.
 
   Resumes from the newest good checkpoint in `workdir/checkpoints` if there is one, and
   then continues exactly as an uninterrupted run would (same batches, dropout, metrics).
-  `workdir` may be local or on an object store (gs://bucket/run).
+  `workdir` may be local or on an object store (gs://bucket/run). `writers` are
+  `gnet_jax.metrics.Writer`s that get every row beside the run's own (process 0 only).
   """
-  return _Run(config, workdir).run()
+  return _Run(config, workdir, writers).run()

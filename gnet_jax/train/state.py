@@ -1,4 +1,16 @@
-"""The train state, the optimizer and the learning-rate schedule."""
+"""The train state, the optimizer, the learning-rate schedule, weight EMA and the dynamic
+loss scale of float16 training.
+
+Options (each off by default, and then the state and the step are exactly as without it):
+- config.grad_accum_steps = k: optax.MultiSteps accumulates the gradients of k steps (k
+  batches of config.batch_size) and applies their mean once, so an update is that of a
+  k-times larger batch; the accumulator lives in the optimizer state, so a checkpoint in
+  the middle of a cycle resumes exactly. The learning rate scales with the effective
+  batch and its schedule counts updates.
+- config.ema_decay = d: `ema` holds an exponential moving average of the parameters and
+  BatchNorm statistics, ema = d * ema + (1 - d) * new after each update.
+- config.model.dtype = 'float16': `loss_scale` holds a dynamic loss scale (`LossScale`).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -11,28 +23,57 @@ from flax import struct
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything a run needs to continue: a checkpoint holds exactly its array fields."""
-  step: jax.Array
+  """Everything a run needs to continue: a checkpoint holds exactly its array fields (the
+  optional ones when they are not None)."""
+  step: jax.Array  # batches consumed (with grad_accum_steps = k, k per update)
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key; step k uses fold_in(rng, k), so resumes replay it
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  ema: Any = None  # {'params', 'batch_stats'} with config.ema_decay
+  loss_scale: Any = None  # LossScale.init() with float16
+  tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
-  def apply_gradients(self, grads, batch_stats):
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
+
+class LossScale:
+  """Dynamic loss scaling for float16 (as in mixed-precision training, Micikevicius et al.
+  2018): the loss is multiplied by `scale` before differentiation and the gradients
+  divided by it after; a step whose gradients overflow is skipped and the scale halved,
+  and after `PERIOD` finite steps in a row it doubles."""
+  INITIAL = 2.0 ** 15
+  PERIOD = 2000
+  MINIMUM = 1.0
+
+  @staticmethod
+  def init() -> dict:
+    return {'scale': jnp.asarray(LossScale.INITIAL, jnp.float32),
+            'good_steps': jnp.asarray(0, jnp.int32)}
+
+  @staticmethod
+  def adjust(state: dict, finite) -> dict:
+    grow = state['good_steps'] + 1 >= LossScale.PERIOD
+    scale = jnp.where(finite, jnp.where(grow, state['scale'] * 2, state['scale']),
+                      jnp.maximum(state['scale'] / 2, LossScale.MINIMUM))
+    good = jnp.where(finite & ~grow, state['good_steps'] + 1, 0)
+    return {'scale': scale, 'good_steps': good.astype(jnp.int32)}
+
+
+def effective_batch_size(config) -> int:
+  """Examples per parameter update: config.batch_size times config.grad_accum_steps."""
+  return config.batch_size * config.get('grad_accum_steps', 1)
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int):
-  """Base lr scaled linearly with the global batch (base_learning_rate is for 256)."""
-  lr = config.base_learning_rate * config.batch_size / 256
-  warmup = int(config.warmup_epochs * steps_per_epoch)
-  total = config.num_train_steps
+  """lr as a function of the update count: base lr scaled linearly with the effective
+  batch (base_learning_rate is for 256); `steps_per_epoch` counts batches."""
+  k = config.get('grad_accum_steps', 1)
+  lr = config.base_learning_rate * effective_batch_size(config) / 256
+  updates_per_epoch = max(1, steps_per_epoch // k)
+  warmup = int(config.warmup_epochs * updates_per_epoch)
+  total = config.num_train_steps // k
   if config.lr_schedule == 'paper':
     # "decreasing the learning rate by 4% every 8 epochs" (section 6).
-    main = optax.exponential_decay(lr, transition_steps=max(1, 8 * steps_per_epoch),
+    main = optax.exponential_decay(lr, transition_steps=max(1, 8 * updates_per_epoch),
                                    decay_rate=0.96, staircase=True)
   elif config.lr_schedule == 'cosine':
     main = optax.cosine_decay_schedule(lr, decay_steps=max(1, total - warmup))
@@ -64,7 +105,17 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
                              mask=decay_mask))
   else:
     raise ValueError(f"config.optimizer={config.optimizer!r}: use 'sgd' or 'adamw'.")
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  k = config.get('grad_accum_steps', 1)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'config.grad_accum_steps must be an integer >= 1, got {k!r}.')
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
+
+
+def check_ema_decay(decay) -> float:
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f'config.ema_decay must be in [0, 1) (0 turns the EMA off), got {decay}.')
+  return float(decay)
 
 
 def create_train_state(config, model: nn.Module, tx, image_size: int) -> TrainState:
@@ -72,7 +123,11 @@ def create_train_state(config, model: nn.Module, tx, image_size: int) -> TrainSt
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = model.init(init_key, images, train=False)
-  params = variables['params']
-  return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=dropout_key, tx=tx)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  ema = None
+  if check_ema_decay(config.get('ema_decay', 0.0)):
+    ema = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=dropout_key, ema=ema,
+                    loss_scale=LossScale.init() if config.model.dtype == 'float16' else None,
+                    tx=tx)

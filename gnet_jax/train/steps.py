@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
-from gnet_jax.train.state import TrainState
+from gnet_jax.train.state import LossScale, TrainState
 
 AUX_LOSS_WEIGHT = 0.3  # the paper's weight for each auxiliary head's loss
 
@@ -30,14 +30,18 @@ def topk_correct(logits, labels, k: int):
 
 
 def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
-               label_smoothing: float = 0.0, skip_nonfinite: bool = False):
-  """One optimizer step on a global batch; returns (new state, metrics).
+               label_smoothing: float = 0.0, skip_nonfinite: bool = False,
+               grad_accum_steps: int = 1, ema_decay: float = 0.0):
+  """One step on a global batch: gradients, the optimizer (an update every
+  grad_accum_steps steps), the EMA, the loss scale; returns (new state, metrics).
 
-  skip_nonfinite: a step whose loss or gradients are not finite leaves the parameters,
-  statistics and optimizer state as they were (the step counter still advances, so the
-  next step takes the next batch); metrics['skipped'] is then 1.
+  A step whose loss or gradients are not finite leaves the parameters, statistics,
+  optimizer state and EMA as they were when skip_nonfinite is set, and always with a loss
+  scale (float16, where it also halves the scale); the step counter still advances, so
+  the next step takes the next batch; metrics['skipped'] is then 1.
   """
   dropout_key = jax.random.fold_in(state.rng, state.step)
+  scale = None if state.loss_scale is None else state.loss_scale['scale']
 
   def loss_fn(params):
     outputs, new_state = model.apply(
@@ -52,23 +56,39 @@ def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
     else:
       logits = outputs
       loss = jnp.mean(ce(logits))
-    return loss, (logits, new_state.get('batch_stats', {}))
+    scaled = loss if scale is None else loss * scale
+    return scaled, (loss, logits, new_state.get('batch_stats', {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  new_state = state.apply_gradients(grads, batch_stats)
+  if scale is not None:
+    grads = jax.tree.map(lambda g: g / scale, grads)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  if state.ema is not None:
+    # With accumulation the parameters move once per cycle: so does their average.
+    updated = opt_state.mini_step == 0 if grad_accum_steps > 1 else True
+    averaged = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema,
+                            {'params': params, 'batch_stats': batch_stats})
+    new_state = new_state.replace(ema=jax.tree.map(
+        lambda a, e: jnp.where(updated, a, e), averaged, state.ema))
   metrics = {
       'loss': loss,
       'top1': jnp.mean(topk_correct(logits, batch['label'], 1)),
       'top5': jnp.mean(topk_correct(logits, batch['label'], 5)),
-      'lr': learning_rate_fn(state.step),
+      'lr': learning_rate_fn(state.step // grad_accum_steps),
   }
-  if skip_nonfinite:
+  if skip_nonfinite or scale is not None:
     ok = jnp.isfinite(loss) & jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
                              state).replace(step=new_state.step)
     metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+    if scale is not None:
+      new_state = new_state.replace(loss_scale=LossScale.adjust(state.loss_scale, ok))
+      metrics['loss_scale'] = scale
   return new_state, metrics
 
 
@@ -93,10 +113,10 @@ def train_steps(state: TrainState, batches, num_steps, *, step_fn):
   return jax.lax.fori_loop(0, num_steps, body, (state, history))
 
 
-def eval_step(state: TrainState, batch, *, model: GoogLeNet):
-  """Sums over the unmasked examples of a (padded) eval batch."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False)
+def eval_step(variables, batch, *, model: GoogLeNet):
+  """Sums over the unmasked examples of a (padded) eval batch, for `variables`
+  ({'params', 'batch_stats'}: the state's, or its EMA)."""
+  logits = model.apply(variables, batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
   loss = cross_entropy(logits, batch['label'], model.num_classes)
   return {

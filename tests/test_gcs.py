@@ -1,0 +1,85 @@
+"""A run whose workdir is on gs:// (a fake GCS on 127.0.0.1, tests/gcs_emulator.py): it
+trains, is killed, resumes exactly, and is loaded, predicted from and exported, with every
+file a local workdir has. The dataset stays local: tfds reads through TensorFlow's own GCS
+filesystem, which cannot be pointed at an emulator (its endpoints are compiled in)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from gnet_jax import checkpoint, export, metrics, predict
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(data_dir, workdir):
+  args = [f'--workdir={workdir}', f'--config.data_dir={data_dir}', '--config.num_train_steps=8',
+          '--config.batch_size=16', '--config.log_every_steps=2', '--config.eval_every_steps=0',
+          '--config.checkpoint_every_steps=3', '--config.steps_per_execution=2']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def finish(proc):
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def records(workdir):
+  return [{k: v for k, v in r.items() if k != 'images_per_sec'}
+          for r in metrics.read_metrics(workdir)]
+
+
+def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digits_data_dir,
+                                                                 tmp_path):
+  remote, local = f'{gcs_bucket}/run', str(tmp_path / 'local')
+  reference, proc = start(digits_data_dir, local), start(digits_data_dir, remote)
+  committed = epath.Path(remote) / 'checkpoints' / '3'
+  deadline = time.time() + 600
+  while not (committed.exists() and 4 in [r['step'] for r in records(remote)]):
+    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    assert time.time() < deadline, 'no checkpoint 3 on gs:// in 10 minutes'
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  out = finish(start(digits_data_dir, remote))
+  finish(reference)
+  assert f'Resumed from checkpoint {remote}/checkpoints/' in out
+  assert records(remote) == records(local)  # exactly the uninterrupted run's metrics
+  for a, b in zip(jax.tree.leaves(checkpoint.load_variables(remote)),
+                  jax.tree.leaves(checkpoint.load_variables(local)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  files = {p.name for p in epath.Path(remote).iterdir()}
+  assert {'config.json', 'model.json', 'metrics.jsonl', 'curves.png', 'train.log'} <= files
+  events = [n for n in files if n.startswith('events.out.tfevents.')]
+  assert len(events) == 2  # the first run's and the resumed run's
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tags = set()
+  for name in events:  # TensorFlow reads gs:// only from real GCS: read a local copy
+    copy = tmp_path / name
+    copy.write_bytes((epath.Path(remote) / name).read_bytes())
+    tags |= {v.tag for e in tf.compat.v1.train.summary_iterator(str(copy))
+             for v in e.summary.value}
+  assert {'train/loss', 'train/top1', 'eval/top1'} <= tags
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # no local folder named 'gs:'
+
+  predictor = predict.Predictor.from_checkpoint(remote)
+  images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  export.main(['--checkpoint', remote, '--out', f'{gcs_bucket}/exported',
+               '--format', 'stablehlo'])
+  logits = np.asarray(export.load_stablehlo(f'{gcs_bucket}/exported')(images))
+  probs = np.asarray(jax.nn.softmax(logits))
+  for row, top5 in zip(probs, predictor.top_k(images)):
+    np.testing.assert_allclose([p for _, p in top5], np.sort(row)[::-1][:5], rtol=1e-4)
