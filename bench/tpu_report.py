@@ -1,28 +1,30 @@
-"""TPU figures without a TPU: XLA's estimates for the real train and eval steps on named
-TPU topologies, compiled ahead of time by libtpu on a machine that has no TPU.
+"""TPU figures without a TPU: XLA's estimates for the real train and eval steps, compiled
+ahead of time for named TPU topologies (by libtpu) or GPUs (by the CUDA plug-in) on a
+machine that has none of them.
 
     python bench/tpu_report.py --topology v5e:2x2,v6e:2x2 --per_chip 32,256 \
-        --variant baseline,gathered_pool,remat --out bench/results/tpu_v5e
+        --variant baseline,gathered_pool,remat --hlo --out bench/results/tpu_v5e
 
-For every (topology, variant, per-chip batch) it builds configs/tpu.py's experiment
-exactly as train.py does (`gnet_jax.train.build`, global batch = per-chip batch x chips)
-for the topology's devices (`jax.experimental.topologies`), compiles `train_steps` and
-`eval_step` from abstract inputs, and writes results.json and results.md into --out:
-per chip and step, XLA's FLOPs and bytes accessed (`Compiled.cost_analysis`), per image;
-temporaries, arguments, outputs and code (`Compiled.memory_analysis`) against the chip's
-HBM; whether it fits with --margin; the largest per-chip batch that fits (a straight line
-through the compiled batches' memory, an estimate); the roofline images/s per chip,
-min(peak FLOP/s / FLOPs per image, HBM B/s / bytes per image), and its fraction of the
-MXU peak; and the compile time on this machine. All of these are COMPILER ESTIMATES, not
-measurements on a TPU. XLA counts a while loop's body once, so with steps_per_execution
-K > 1 the figures are still those of one step (tests/test_tpu.py checks this).
+Each case builds configs/tpu.py's experiment as train.py does (`gnet_jax.train.build`,
+global batch = per-chip batch x devices) on the target's compile-only devices
+(`jax.experimental.topologies`), compiles `train_steps` and `eval_step` from abstract
+inputs, and adds a row to --out/results.json and results.md: per device and train step,
+XLA's FLOPs and bytes accessed (`cost_analysis`) and per image; temporaries, arguments,
+outputs and code (`memory_analysis`) against the HBM that libtpu says one program may use;
+whether that fits with --margin; the largest per-device batch that fits (a line through
+the compiled batches' HBM use: an estimate); the roofline images/s, min(peak bf16 FLOP/s /
+FLOPs per image, HBM B/s / bytes per image), and its fraction of the MXU peak; the compile
+time here. All are COMPILER ESTIMATES, not measurements. XLA counts a while loop's body
+once, so with steps_per_execution K > 1 the figures are one step's (tests/test_tpu.py).
+A TPU v4 device is one of a chip's two TensorCores; on v5e, v6e and v5p a device is a chip.
 
---hlo adds where the bytes go: the compiled program's top-level buffers (what reaches
-memory) by dtype and by layer kind, padded to the TPU tiles of their layouts.
+--hlo adds where the bytes go (`hlo_traffic`). The CUDA plug-in's compile-only programs
+have no cost analysis: for GPUs the FLOPs are XLA's count before optimisation and the
+bytes `hlo_traffic`'s, a coarser estimate.
 
-libtpu asks a cloud metadata server for its environment at start-up. Nothing may leave
-this machine: the script runs only in a network namespace with no interface but loopback
-(it re-executes itself under `unshare -n`, or refuses) and with TPU_SKIP_MDS_QUERY=1.
+libtpu asks a cloud metadata server about its machine at start-up. Nothing may leave this
+machine: the script runs only in a network namespace with no interface but loopback (it
+re-executes itself under `unshare -n`, or refuses) and with TPU_SKIP_MDS_QUERY=1.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -77,38 +80,36 @@ def ensure_isolated(argv: list[str]) -> None:
 class Chip:
   name: str
   hbm_bytes: int
-  peak_bf16_flops: float  # per chip, dense
+  peak_bf16_flops: float  # dense, per device
   hbm_bytes_per_s: float
   source: str
 
 
 _GB, _GIB = 1e9, 2 ** 30
-# Google's Cloud TPU documentation, "System architecture" of each generation (read
-# 2026-12): https://cloud.google.com/tpu/docs/v5e ("197 TFLOPs", "16 GB, 819 GBps"),
-# .../tpu/docs/v6e ("918 TFLOPs", "32 GB", "1638 GBps"), .../tpu/docs/v5p ("459 TFLOPs",
-# "95GB, 2765 GBps"), .../tpu/docs/v4 ("275 teraflops", "32 GiB, 1200 GBps"). The pages
-# write GB for v5e/v6e/v5p; the chips hold 16/32/95 GiB (the HBM is sized in GiB), so GiB
-# is used, as for v4.
+# Cloud TPU documentation, "System architecture" (read 2026-12): cloud.google.com/tpu/docs/
+# v5e ("197 TFLOPs", "16 GB, 819 GBps"), v6e ("918 TFLOPs", "32 GB", "1638 GBps"), v5p
+# ("459 TFLOPs", "95GB, 2765 GBps"), v4 ("275 teraflops", "32 GiB, 1200 GBps", per chip of
+# two devices). libtpu lets one program use 15.75 GiB of a v5e, 31.24 of a v6e, 95.73 of a
+# v5p and 15.25 of a v4 device (`available_hbm`): the pages' GB are GiB, and "fits" uses
+# libtpu's figures.
 CHIPS = {
     'v5e': Chip('TPU v5e', 16 * _GIB, 197e12, 819 * _GB, 'cloud.google.com/tpu/docs/v5e'),
     'v6e': Chip('TPU v6e', 32 * _GIB, 918e12, 1638 * _GB, 'cloud.google.com/tpu/docs/v6e'),
     'v5p': Chip('TPU v5p', 95 * _GIB, 459e12, 2765 * _GB, 'cloud.google.com/tpu/docs/v5p'),
-    'v4': Chip('TPU v4', 32 * _GIB, 275e12, 1200 * _GB, 'cloud.google.com/tpu/docs/v4'),
+    'v4': Chip('TPU v4 core', 16 * _GIB, 137.5e12, 600 * _GB, 'cloud.google.com/tpu/docs/v4'),
 }
-
-
-# One GPU, compiled by the CUDA plug-in (jax-cuda12-plugin, no GPU and no CUDA libraries
-# needed) for XLA's device description of it (the fields the compiler reads, from
-# xla/backends/gpu/target_config/specs/h100_sxm.txtpb and h200.txtpb). Dense bf16 and
-# bandwidth from NVIDIA's H100 datasheet ("1,979 teraFLOPS*", *with sparsity; 80 GB,
-# 3.35 TB/s) and H200 product page (141 GB, 4.8 TB/s; the H100's compute).
+# One GPU, compiled by the CUDA plug-in (jax-cuda12-pjrt; no GPU or CUDA library needed)
+# for XLA's description of it: the fields of xla/backends/gpu/target_config/specs/
+# h100_sxm.txtpb and h200.txtpb that the compiler reads. Dense bf16 (half the "1,979
+# teraFLOPS" with sparsity), memory and bandwidth: NVIDIA's H100 datasheet (80 GB, 3.35
+# TB/s) and H200 product page (141 GB, 4.8 TB/s, the H100's compute).
 GPUS = {
-    'h100': (Chip('NVIDIA H100 SXM', 80 * _GB, 989e12, 3350 * _GB,
-                  'nvidia.com H100 datasheet'), 84942979072, 3352320000000, 'H100 80GB HBM3'),
-    'h200': (Chip('NVIDIA H200 SXM', 141 * _GB, 989e12, 4800 * _GB,
-                  'nvidia.com H200 product page'), 151397597184, 4800000000000, 'H200 141GB HBM3e'),
+    'h100': (Chip('NVIDIA H100 SXM', 80 * _GB, 989e12, 3350 * _GB, 'nvidia.com H100 datasheet'),
+             84942979072, 3352320000000, 'H100 80GB HBM3'),
+    'h200': (Chip('NVIDIA H200 SXM', 141 * _GB, 989e12, 4800 * _GB, 'nvidia.com H200 page'),
+             151397597184, 4800000000000, 'H200 141GB HBM3e'),
 }
-_GPU_CONFIG = '''gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
+_GPU_CONFIG = """gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
   shared_memory_per_block: 49152 shared_memory_per_core: 233472 threads_per_core_limit: 2048
   core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
   block_dim_limit_z: 65535 memory_bandwidth: {bw} l2_cache_size: 52428800 clock_rate_ghz: 1.98
@@ -116,7 +117,7 @@ _GPU_CONFIG = '''gpu_device_info {{ threads_per_block_limit: 1024 threads_per_wa
   cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
   registers_per_block_limit: 65536 }}
 platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 12 minor: 8 }} device_description_str: "NVIDIA {name}"'''
+runtime_version {{ major: 12 minor: 8 }} device_description_str: "NVIDIA {name}\""""
 
 
 def chip_of(topology: str) -> Chip:
@@ -124,7 +125,7 @@ def chip_of(topology: str) -> Chip:
 
 
 def target_devices(topology: str) -> list:
-  """Compile-only devices: a TPU topology's, or one GPU's (`GPUS`)."""
+  """Compile-only devices: a TPU topology's ('v5e:2x2') or one GPU's ('h100')."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   if topology in GPUS:
     _, memory, bw, name = GPUS[topology]
@@ -134,68 +135,56 @@ def target_devices(topology: str) -> list:
   return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
 
 
-def available_hbm(device) -> int | None:
-  """The HBM that libtpu lets one program use on `device`, from the message of a program
-  that cannot fit ("exceeds available HBM (15.75G)"): a few seconds' compile."""
-  import jax  # pylint: disable=import-outside-toplevel
-  huge = jax.ShapeDtypeStruct((2 ** 36,), 'float32',
-                              sharding=jax.sharding.SingleDeviceSharding(device))
-  try:
-    jax.jit(lambda a: a * 2).lower(huge).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    found = re.search(r'available HBM \(([\d.]+)G\)', str(e))
-    return int(float(found.group(1)) * _GIB) if found else None
-  return None
-
-
 @functools.cache
 def hbm_of(topology: str) -> int:
-  """What one program may use on a device of `topology`: libtpu's figure, else the spec's."""
+  """What one program may use on a device: libtpu's figure, from the message with which it
+  refuses a program that cannot fit ("exceeds available HBM (15.75G)"), else the spec's."""
+  import jax  # pylint: disable=import-outside-toplevel
   device = target_devices(topology)[0]
-  return (available_hbm(device) if device.platform == 'tpu' else None) or chip_of(
-      topology).hbm_bytes
+  if device.platform == 'tpu':
+    huge = jax.ShapeDtypeStruct((2 ** 36,), 'float32',
+                                sharding=jax.sharding.SingleDeviceSharding(device))
+    try:
+      jax.jit(lambda a: a * 2).lower(huge).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if (found := re.search(r'available HBM \(([\d.]+)G\)', str(e))):
+        return int(float(found.group(1)) * _GIB)
+  return chip_of(topology).hbm_bytes
 
 
 def model_flops(lowered) -> float:
-  """XLA's FLOP count of a lowered program before optimisation (computed by the CPU
-  client): where the compiled program's cost analysis is missing (the CUDA plug-in's
-  compile-only executables have none; its convolutions are cuDNN calls it cannot count)."""
+  """XLA's FLOPs of a program before optimisation, counted by the CPU client (the CUDA
+  plug-in's compile-only programs have no cost analysis, and cuDNN calls no FLOPs)."""
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
   module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
   return float(_jax.hlo_module_cost_analysis(jax.devices('cpu')[0].client, module)['flops'])
 
 
-# --- the program ---------------------------------------------------------------------
+# --- the program -----------------------------------------------------------------------
 
-def variant_blocks(variant: str, config):
-  """`blocks` for train.build and the config changes of `variant` ('+' combines):
-  baseline: the project's own choice (model_blocks; on TPU the model's own blocks, XLA's
-  max pool); gathered_pool: layers.GatherMaxPool (the CPU-tuned gathered gradient);
-  remat: config.model.remat; f32: float32 compute and input."""
+def variant_blocks(variant: str, config, devices):
+  """Applies `variant`'s config changes ('+' combines) and returns train.build's `blocks`
+  (None: its own choice). baseline: the project's choice (on TPU and GPU the model's own
+  blocks: XLA's max pool); gathered_pool: layers.GatherMaxPool (the CPU-tuned gathered
+  gradient); remat: config.model.remat; f32: float32 compute and input."""
   from gnet_jax import layers  # pylint: disable=import-outside-toplevel
-  blocks = {}
-  for part in variant.split('+'):
-    if part == 'gathered_pool':
-      blocks['pool_block'] = layers.GatherMaxPool
-    elif part == 'remat':
-      config.model.remat = True
-    elif part == 'f32':
-      config.model.dtype = config.input_dtype = 'float32'
-    elif part != 'baseline':
-      raise ValueError(f'unknown variant {part!r}')
-  if not blocks:
-    return None  # train.build's own choice, remat included
   from gnet_jax.train import experiment  # pylint: disable=import-outside-toplevel
-  devices = [type('D', (), {'platform': 'tpu'})()]  # model_blocks looks at the platform
-  return {**experiment.model_blocks(config, devices), **blocks}
+  parts = set(variant.split('+'))
+  if parts - {'baseline', 'gathered_pool', 'remat', 'f32'}:
+    raise ValueError(f'unknown variant in {variant!r}')
+  config.model.remat = 'remat' in parts
+  if 'f32' in parts:
+    config.model.dtype = config.input_dtype = 'float32'
+  if 'gathered_pool' in parts:
+    return {**experiment.model_blocks(config, devices), 'pool_block': layers.GatherMaxPool}
+  return None
 
 
 def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
                  image_size: int = 224, steps_per_execution: int = 1,
                  hlo: bool = False) -> dict:
-  """Compiles configs/tpu.py's train and eval steps for `topology`; returns the case's
-  row (figures per chip; flops and bytes of one train step)."""
+  """Compiles configs/tpu.py's train and eval steps for `topology`: the case's row."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from configs import tpu  # pylint: disable=import-outside-toplevel
@@ -207,50 +196,44 @@ def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
   config.num_train_steps = 1000
   config.image_size = image_size
   config.steps_per_execution = steps_per_execution
-  blocks = variant_blocks(variant, config)
-  spec = ModelSpec.from_config(config, num_classes=1000)
-  exp = train.build(config, spec, num_train_examples=1_281_167, devices=devices,
-                    blocks=blocks)
+  blocks = variant_blocks(variant, config, devices)
+  exp = train.build(config, ModelSpec.from_config(config, num_classes=1000),
+                    num_train_examples=1_281_167, devices=devices, blocks=blocks)
   sh = exp.sharding
   sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  state = jax.tree.map(lambda s: sds(s.shape, s.dtype, sh.replicated), exp.abstract_state())
+  state = jax.tree.map(lambda x: sds(x.shape, x.dtype, sh.replicated), exp.abstract_state())
   k, b, s = steps_per_execution, config.batch_size, image_size
-  image_dtype = jnp.dtype(config.input_dtype)
-  batches = {'image': sds((k, b, s, s, 3), image_dtype, sh.stacked),
-             'label': sds((k, b), jnp.int32, sh.stacked)}
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  eval_batch = {'image': sds((b, s, s, 3), image_dtype, sh.data),
-                'label': sds((b,), jnp.int32, sh.data), 'mask': sds((b,), jnp.bool_, sh.data)}
-  row = dict(topology=topology, chip=chip_of(topology).name, device_kind=devices[0].device_kind,
-             hbm_available=hbm_of(topology),
-             chips=len(devices), variant=variant, per_chip=per_chip, image_size=s,
-             steps_per_execution=k, dtype=config.model.dtype,
-             remat=bool(config.model.get('remat', False)),
+  image = jnp.dtype(config.input_dtype)
+  train_args = (state, {'image': sds((k, b, s, s, 3), image, sh.stacked),
+                        'label': sds((k, b), jnp.int32, sh.stacked)},
+                sds((), jnp.int32, sh.replicated))
+  eval_args = ({'params': state.params, 'batch_stats': state.batch_stats},
+               {'image': sds((b, s, s, 3), image, sh.data),
+                'label': sds((b,), jnp.int32, sh.data), 'mask': sds((b,), jnp.bool_, sh.data)})
+  row = dict(topology=topology, chip=chip_of(topology).name, devices=len(devices),
+             device_kind=devices[0].device_kind, hbm_available=hbm_of(topology),
+             variant=variant, per_chip=per_chip, image_size=s, steps_per_execution=k,
+             dtype=config.model.dtype, remat=config.model.remat,
              pool_block=(blocks or {}).get('pool_block', exp.model.pool_block).__name__)
-  for name, fn, args in (('train', exp.train_steps, (state, batches, sds((), jnp.int32, sh.replicated))),
-                         ('eval', exp.eval_step, (variables, eval_batch))):
+  for name, fn, args in (('train', exp.train_steps, train_args),
+                         ('eval', exp.eval_step, eval_args)):
     start = time.perf_counter()
     try:
       lowered = fn.lower(*args)
       compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
-      # libtpu refuses a program that does not fit in HBM ("Ran out of memory in memory
-      # space hbm"): that is a result too.
-      row[name] = {'error': ' '.join(str(e).split())[:600],
-                   'compile_s': round(time.perf_counter() - start, 1)}
+      # libtpu refuses a program that cannot fit in HBM: a result too.
+      row[name] = {'error': ' '.join(str(e).split())[:600]}
       continue
     f = row[name] = figures(compiled, per_chip, time.perf_counter() - start)
-    f['load_avg_1min'] = round(os.getloadavg()[0], 1)  # the compile shared the cores
-    f['cost_source'] = 'XLA cost analysis'
     if hlo or not f['bytes']:
       f['hlo'] = hlo_traffic(compiled.as_text())
-    if not f['bytes']:  # no cost analysis (GPU): this script's estimates instead
+    if not f['bytes']:  # no cost analysis (GPU)
       f['flops'], f['bytes'] = model_flops(lowered), f['hlo']['padded_mb'] * 1e6
-      f['flops_per_image'], f['bytes_per_image'] = f['flops'] / per_chip, f['bytes'] / per_chip
-      f['cost_source'] = 'unoptimised HLO FLOPs; bytes: hlo_traffic of the compiled HLO'
-  if 'train' in row and 'error' not in row['train']:
-    # This chip's share of the stacked batches (argument bytes that grow with the batch).
-    row['train']['batch_bytes'] = k * per_chip * (s * s * 3 * image_dtype.itemsize + 4)
+      f['cost_source'] = 'FLOPs before optimisation; bytes: hlo_traffic'
+    f['flops_per_image'], f['bytes_per_image'] = f['flops'] / per_chip, f['bytes'] / per_chip
+  if 'error' not in row['train']:  # the device's share of the stacked batches
+    row['train']['batch_bytes'] = k * per_chip * (s * s * 3 * image.itemsize + 4)
   return row
 
 
@@ -260,14 +243,13 @@ def figures(compiled, per_chip: int, compile_s: float) -> dict:
   mem = compiled.memory_analysis()
   out = {f: int(getattr(mem, f + '_in_bytes')) for f in (
       'temp_size', 'argument_size', 'output_size', 'alias_size', 'generated_code_size')}
-  # What the program holds in HBM at its peak: its inputs, the outputs that do not reuse
-  # an input's buffer (the donated state does), its temporaries and its code.
+  # At its peak a program holds its inputs, the outputs that reuse no input's buffer (the
+  # donated state does), its temporaries and its code.
   out['hbm_bytes'] = (out['argument_size'] + out['output_size'] - out['alias_size']
                       + out['temp_size'] + out['generated_code_size'])
-  out.update(flops=float(cost.get('flops', 0.0)), bytes=float(cost.get('bytes accessed', 0.0)),
-             compile_s=round(compile_s, 1))
-  out['flops_per_image'] = out['flops'] / per_chip
-  out['bytes_per_image'] = out['bytes'] / per_chip
+  out.update(flops=float(cost.get('flops', 0)), bytes=float(cost.get('bytes accessed', 0)),
+             cost_source='XLA cost analysis', compile_s=round(compile_s, 1),
+             load_avg_1min=round(os.getloadavg()[0], 1))  # the cores were shared
   return out
 
 
@@ -276,34 +258,30 @@ def figures(compiled, per_chip: int, compile_s: float) -> dict:
 _COMP = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
 _INST = re.compile(r'^\s+(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
 _ARRAY = re.compile(r'(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([0-9,]*)\](?:\{([^}]*)\})?')
-_WIDTH = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8}
 _SKIP = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'while',
          'conditional', 'call', 'after-all', 'partition-id', 'replica-id'}
 
 
 def _nbytes(dtype: str, dims: str, layout: str | None) -> tuple[int, int]:
-  """(logical, padded) bytes of one array; padded rounds its most-minor dimensions up to
-  the layout's first tile, as the TPU stores them (e.g. T(8,128): 64 channels take 128)."""
+  """(logical, padded) bytes of an array: padded rounds its most-minor dimensions up to
+  its layout's first tile, as the TPU stores it (T(8,128): 64 channels take 128)."""
   shape = [int(d) for d in dims.split(',') if d]
-  width = _WIDTH.get(dtype) or int(re.sub(r'\D', '', dtype)) // 8
-  logical = width
-  for d in shape:
-    logical *= d
   padded = shape[:]
-  if layout and shape:
-    minor_to_major = [int(d) for d in layout.split(':')[0].split(',') if d.strip().isdigit()]
-    tile = re.search(r'T\(([0-9,]+)\)', layout)
-    if tile and len(minor_to_major) == len(shape):
-      for dim, t in zip(minor_to_major, reversed([int(x) for x in tile.group(1).split(',')])):
-        padded[dim] = -(-shape[dim] // t) * t
-  total = width
-  for d in padded:
-    total *= d
-  return logical, total
+  minor_to_major = [int(d) for d in (layout or '').split(':')[0].split(',') if d.isdigit()]
+  tile = re.search(r'T\(([0-9,]+)\)', layout or '')
+  if tile and len(minor_to_major) == len(shape):
+    for dim, t in zip(minor_to_major, reversed([int(x) for x in tile.group(1).split(',')])):
+      padded[dim] = -(-shape[dim] // t) * t
+  width = 1 if dtype == 'pred' else int(re.sub(r'\D', '', dtype)) // 8
+  return width * math.prod(shape), width * math.prod(padded)
 
 
-def _kind(op_name: str) -> str:
-  """A layer kind from the op's Flax/JAX path, e.g. 'bwd conv' or 'fwd pool'."""
+def _kind(op_name: str, opcode: str) -> str:
+  """The layer kind of an op from its JAX/Flax path: 'bwd conv', 'fwd pool'..."""
+  if opcode in ('copy-start', 'slice-start'):
+    # XLA's prefetches into (and evictions from) another memory space: their consumers
+    # then read the copy instead of HBM, so counting them would count bytes twice.
+    return 'memory-space copies'
   if 'GoogLeNet' not in op_name:
     return 'optimizer/other'
   where = 'bwd' if 'transpose(' in op_name else 'fwd'
@@ -316,10 +294,13 @@ def _kind(op_name: str) -> str:
 
 
 def hlo_traffic(text: str) -> dict:
-  """Bytes written and read by the top-level instructions of a compiled program (fused
-  computations excluded: their values stay on chip), by dtype and by layer kind, logical
-  and padded to the layouts' tiles; and the f32 buffers of 1 MB or more that are not
-  parameters or optimizer state (activations that could be bf16)."""
+  """What the top-level instructions of a compiled program write and read (fused
+  computations stay on chip), in MB: logical and padded to the layouts' tiles, the padded
+  by layer kind and, of what they write, by dtype (both totals leave out XLA's memory-
+  space copies, listed by kind); the f32 activation buffers of 1 MB or more (ones that
+  could be bf16); and the layouts of the 4-D activation buffers of 1 MB or more as
+  minor-to-major NHWC dimensions ('3,0,2,1': channels in the 128 lanes, then the batch;
+  '0,3,2,1': the batch in the lanes)."""
   comps, cur = {}, None
   for line in text.splitlines():
     if (m := _COMP.match(line)):
@@ -328,209 +309,191 @@ def hlo_traffic(text: str) -> dict:
       cur = None
     elif cur is not None and (m := _INST.match(line)):
       cur.append(m.groups() + (line,))
-  inner = set()
+  inner = set()  # fused computations and reducers: not materialised
   for insts in comps.values():
     for _, _, op, _, line in insts:
       inner.update(re.findall(r'to_apply=%([\w.\-]+)', line))
       if op == 'fusion':
         inner.update(re.findall(r'calls=%([\w.\-]+)', line))
-  by_dtype, by_kind = collections.Counter(), collections.Counter()
-  logical_total = padded_total = 0
-  f32_acts, layouts = collections.Counter(), collections.Counter()
-  for comp, insts in comps.items():
-    if comp in inner:
-      continue
+  by_kind, by_dtype, f32_acts, layouts = (collections.Counter() for _ in range(4))
+  logical = padded = 0
+  for comp in comps.keys() - inner:
     size = {}
-    for name, ty, op, rest, line in insts:
-      arrays = [(dt, _nbytes(dt, dims, lay)) for dt, dims, lay in _ARRAY.findall(ty)]
-      size[name] = [nb for _, nb in arrays]
+    for name, ty, op, rest, line in comps[comp]:
+      arrays = [(dt, dims, lay, *_nbytes(dt, dims, lay)) for dt, dims, lay in _ARRAY.findall(ty)]
+      size[name] = [(lg, pd) for *_, lg, pd in arrays]
       if op in _SKIP or op.endswith('-done'):
         continue
-      operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
-      reads = [nb for o in operands for nb in size.get(o, [])]
+      io = size[name] + [nb for o in re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+                         for nb in size.get(o, [])]
       op_name = (re.search(r'op_name="([^"]*)"', line) or [None, ''])[1]
-      kind = _kind(op_name)
-      for dt, dims, lay in _ARRAY.findall(ty):
-        if dims.count(',') == 3 and lg_of(dt, dims) >= 1e6 and kind != 'optimizer/other':
-          layouts[lay.split(':')[0] + ('' if 'T(' in lay else ' untiled')] += 1
-      for dt, (lg, pd) in arrays:
+      kind = _kind(op_name, op)
+      by_kind[kind] += sum(pd for _, pd in io)
+      if kind == 'memory-space copies':
+        continue
+      logical += sum(lg for lg, _ in io)
+      padded += sum(pd for _, pd in io)
+      for dt, dims, lay, lg, pd in arrays:
         by_dtype[dt] += pd
-        by_kind[kind] += pd
-        logical_total += lg
-        padded_total += pd
-        if dt == 'f32' and lg >= 1e6 and kind != 'optimizer/other':
-          f32_acts[f'{op} {re.sub(r"^.*?/while/body/", "", op_name)[:140]}'] += lg
-      for lg, pd in reads:
-        by_kind[kind] += pd
-        logical_total += lg
-        padded_total += pd
+        if lg >= 1e6 and kind[:3] in ('fwd', 'bwd'):
+          if dt == 'f32':
+            f32_acts[f'{op} {re.sub(r"^.*?/while/body/", "", op_name)[:140]}'] += lg
+          if dims.count(',') == 3:
+            layouts[lay.split(':')[0] + ('' if 'T(' in lay else ' untiled')] += 1
   mb = lambda c: {k: round(v / 1e6, 1) for k, v in c.most_common()}
-  # Minor-to-major order of the 4-D buffers of 1 MB or more (NHWC: 3 = C, 0 = N):
-  # '3,0,2,1' keeps channels in the 128 lanes, '0,3,2,1' the batch.
-  return {'logical_mb': round(logical_total / 1e6, 1), 'padded_mb': round(padded_total / 1e6, 1),
-          'written_mb_by_dtype': mb(by_dtype), 'padded_mb_by_kind': mb(by_kind),
+  return {'logical_mb': round(logical / 1e6, 1), 'padded_mb': round(padded / 1e6, 1),
+          'padded_mb_by_kind': mb(by_kind), 'written_mb_by_dtype': mb(by_dtype),
           'f32_activation_mb': mb(collections.Counter(dict(f32_acts.most_common(20)))),
           'activation_layouts': dict(layouts.most_common())}
 
 
-def lg_of(dtype: str, dims: str) -> int:
-  return _nbytes(dtype, dims, None)[0]
-
-
-# --- what the figures mean -----------------------------------------------------------------
+# --- what the figures mean ---------------------------------------------------------------
 
 def derive(rows: list[dict], margin: float) -> None:
-  """Adds to each compiled row: HBM use and fit, roofline and, per (topology, variant,
-  image size, K), the largest per-chip batch that fits (`max_per_chip`)."""
-  for row in rows:
-    chip = chip_of(row['topology'])
-    for name in ('train', 'eval'):
-      f = row.get(name, {})
-      if 'hbm_bytes' not in f:
-        continue
-      f['hbm_fraction'] = f['hbm_bytes'] / row.get('hbm_available', chip.hbm_bytes)
-      f['fits'] = f['hbm_fraction'] <= 1 - margin
-      if f['flops'] and f['bytes']:
-        t_flops = f['flops'] / chip.peak_bf16_flops  # seconds per step at the MXU peak
-        t_bytes = f['bytes'] / chip.hbm_bytes_per_s  # ... at the HBM bandwidth
-        f['roofline_images_per_s'] = row['per_chip'] / max(t_flops, t_bytes)
-        f['roofline_mxu_fraction'] = t_flops / max(t_flops, t_bytes)
-        f['bound'] = 'compute' if t_flops >= t_bytes else 'memory'
+  """Adds HBM fit and roofline to each row and, per (target, variant, size, K), the
+  largest per-device batch that fits (`max_per_chip`)."""
   groups = collections.defaultdict(list)
   for row in rows:
+    chip = chip_of(row['topology'])
+    for f in (row[n] for n in ('train', 'eval') if 'hbm_bytes' in row.get(n, {})):
+      f['hbm_fraction'] = f['hbm_bytes'] / row['hbm_available']
+      f['fits'] = f['hbm_fraction'] <= 1 - margin
+      t_flops = f['flops'] / chip.peak_bf16_flops  # a step's seconds at the MXU peak
+      t_bytes = f['bytes'] / chip.hbm_bytes_per_s  # ... at the HBM bandwidth
+      f['roofline_images_per_s'] = row['per_chip'] / max(t_flops, t_bytes)
+      f['roofline_mxu_fraction'] = t_flops / max(t_flops, t_bytes)
+      f['bound'] = 'compute' if t_flops >= t_bytes else 'memory'
     if 'hbm_bytes' in row.get('train', {}):
-      groups[(row['topology'], row['variant'], row['image_size'],
-              row['steps_per_execution'])].append(row)
+      groups[row['topology'], row['variant'], row['image_size'],
+             row['steps_per_execution']].append(row)
   for group in groups.values():
     pts = sorted({r['per_chip']: r['train']['hbm_bytes'] for r in group}.items())
-    budget = (1 - margin) * group[0].get('hbm_available', chip_of(group[0]['topology']).hbm_bytes)
-    if len(pts) >= 2:  # HBM use = fixed + slope * batch, through the outermost batches
+    if len(pts) >= 2:  # HBM use = fixed + slope x batch, through the outermost batches
       (b0, m0), (b1, m1) = pts[0], pts[-1]
       slope = (m1 - m0) / (b1 - b0)
-      fixed, how = m0 - slope * b0, f'line through per-chip batches {b0} and {b1}'
-    else:  # one compile: the state and the code are fixed, the rest grows with the batch
-      (b0, m0), = pts
-      t = group[0]['train']
+      fixed, how = m0 - slope * b0, f'line through per-device batches {b0} and {b1}'
+    else:  # one compile: state and code are fixed, the rest grows with the batch
+      (b0, m0), t = pts[0], group[0]['train']
       fixed = t['argument_size'] - t['batch_bytes'] + t['generated_code_size']
-      slope, how = (m0 - fixed) / b0, f'one compile (batch {b0}), all but state and code scale'
-    estimate = int((budget - fixed) // slope) if slope > 0 else None
+      slope, how = (m0 - fixed) / b0, f'one compile (batch {b0}): all but state and code scale'
+    budget = (1 - margin) * group[0]['hbm_available']
     for r in group:
-      r['max_per_chip'] = {'estimate': estimate, 'how': how,
-                           'mb_per_image': round(slope / 1e6, 1), 'fixed_mb': round(fixed / 1e6, 1)}
+      r['max_per_chip'] = {'estimate': int((budget - fixed) // slope) if slope > 0 else None,
+                           'how': how, 'mb_per_image': round(slope / 1e6, 1),
+                           'fixed_mb': round(fixed / 1e6, 1)}
 
 
-# --- output --------------------------------------------------------------------------------
+# --- output ------------------------------------------------------------------------------
 
-LABEL = ('**Compiler estimates, not measurements**: XLA\'s cost and memory analyses of the '
-         'programs libtpu compiled for the named topology on a machine without a TPU.')
+LABEL = ('**Compiler estimates, not measurements**: XLA\'s cost and memory analyses of '
+         'programs compiled ahead of time for the named devices (by libtpu, or by the CUDA '
+         'plug-in for a GPU) on a machine that has none of them.')
 
 
 def environment() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
   from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+  def version(dist):
+    try:
+      return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      return None
   git = lambda *a: subprocess.run(['git', '-C', REPO, *a], capture_output=True,
                                   text=True).stdout.strip()
   cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
               if l.startswith('model name')), platform.processor())
   return {'machine': f'{cpu}, {os.cpu_count()} cores, {platform.platform()}',
           'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jaxlib.__version__, 'libtpu': metadata.version('libtpu'),
-          'flax': flax.__version__,
-          'git': git('rev-parse', '--short', 'HEAD') + (' (uncommitted changes)'
-                                                       if git('status', '--porcelain',
-                                                              '--untracked-files=no') else ''),
+          **{d: v for d in ('jaxlib', 'flax', 'libtpu', 'jax-cuda12-pjrt') if (v := version(d))},
+          'git': git('rev-parse', '--short', 'HEAD') + (
+              ' with uncommitted changes' if git('status', '--porcelain', '-uno') else ''),
           'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
           'LIBTPU_INIT_ARGS': os.environ.get('LIBTPU_INIT_ARGS', ''),
-          'network_isolated': network_isolated(),
-          'date': time.strftime('%Y-%m-%d')}
+          'network_isolated': network_isolated(), 'date': time.strftime('%Y-%m-%d')}
 
 
-def markdown(rows: list[dict], env: dict, margin: float) -> str:
+def markdown(rows: list[dict], margin: float) -> str:
   mb = lambda x: f'{x / 1e6:,.0f}'
-  lines = [LABEL, '',
-           f'Per chip and train step. HBM = arguments + outputs - aliased + temporaries + code; '
-           f'fits = at most {1 - margin:.0%} of the chip\'s HBM. Roofline = min(peak bf16 '
-           'FLOP/s / FLOPs per image, HBM bandwidth / bytes per image); MXU = its fraction of '
-           'the peak. Max per chip: HBM use as a line in the batch, an estimate. Compile: '
-           'seconds on the machine below, with the load average beside it.', '',
-           '| topology | variant | per chip | K | size | train GFLOP/img | train MB/img | '
-           'temp MB | args MB | HBM GB (% of chip) | fits | max per chip (est.) | '
-           'roofline img/s/chip | bound | MXU % | compile s (load) | eval GFLOP/img | '
-           'eval MB/img | eval compile s |',
+  lines = [LABEL, '', 'Per device and train step. HBM = arguments + outputs - aliased + '
+           'temporaries + code, against what libtpu lets one program use; fits: at most '
+           f'{1 - margin:.0%} of it. Roofline = min(peak bf16 FLOP/s / FLOPs per image, HBM '
+           'B/s / bytes per image); MXU = its fraction of the peak. Max batch: HBM use as a '
+           'line in the batch (an estimate). Compile: seconds here, load average beside.', '',
+           '| target | variant | batch/device | K | size | GFLOP/img | MB/img | temp MB | '
+           'args MB | HBM GB (%) | fits | max batch (est.) | roofline img/s | bound | MXU | '
+           'compile s (load) | eval GFLOP/img | eval MB/img | eval compile s |',
            '|' + '---|' * 19]
   for r in rows:
-    t, e = r.get('train', {}), r.get('eval', {})
-    head = (f"| {r['topology']} | {r['variant']} | {r['per_chip']} | "
-            f"{r['steps_per_execution']} | {r['image_size']} | ")
+    t, e = r['train'], r.get('eval', {})
+    cells = [r['topology'], r['variant'], r['per_chip'], r['steps_per_execution'],
+             r['image_size']]
     if 'hbm_bytes' not in t:
-      lines.append(head + f"compile failed: {t.get('error', '?')[:160]} |" + ' |' * 13)
+      lines.append('| ' + ' | '.join(map(str, cells)) + f" | failed: {t['error'][:200]} |")
       continue
-    mx = r.get('max_per_chip', {}).get('estimate')
-    ev = (f"{e['flops_per_image'] / 1e9:.2f} | {mb(e['bytes_per_image'])} | {e['compile_s']:.0f}"
-          if 'flops' in e else 'failed | | ')
-    lines.append(
-        head + f"{t['flops_per_image'] / 1e9:.2f} | {mb(t['bytes_per_image'])} | "
-        f"{mb(t['temp_size'])} | {mb(t['argument_size'])} | {t['hbm_bytes'] / 1e9:.2f} "
-        f"({t['hbm_fraction']:.0%}) | {'yes' if t['fits'] else 'NO'} | {mx if mx else '-'} | "
-        f"{t.get('roofline_images_per_s', 0):,.0f} | {t.get('bound', '-')} | "
-        f"{t.get('roofline_mxu_fraction', 0):.0%} | {t['compile_s']:.0f} "
-        f"({t['load_avg_1min']}) | {ev} |")
-  chips = {chip_of(r['topology']) for r in rows}
-  lines += ['', 'Chips: ' + '; '.join(
-      f"{c.name}: {c.hbm_bytes / _GIB:.1f} GiB memory, {c.peak_bf16_flops / 1e12:.0f} "
-      f"TFLOP/s bf16, {c.hbm_bytes_per_s / 1e9:.0f} GB/s ({c.source})"
-      for c in sorted(chips, key=lambda c: c.name)) + '.']
+    cells += [f"{t['flops_per_image'] / 1e9:.2f}", mb(t['bytes_per_image']), mb(t['temp_size']),
+              mb(t['argument_size']), f"{t['hbm_bytes'] / 1e9:.2f} ({t['hbm_fraction']:.0%})",
+              'yes' if t['fits'] else 'NO', r.get('max_per_chip', {}).get('estimate') or '-',
+              f"{t['roofline_images_per_s']:,.0f}", t['bound'],
+              f"{t['roofline_mxu_fraction']:.0%}", f"{t['compile_s']:.0f} ({t['load_avg_1min']})"]
+    cells += ([f"{e['flops_per_image'] / 1e9:.2f}", mb(e['bytes_per_image']),
+               f"{e['compile_s']:.0f}"] if 'flops' in e else ['failed', '', ''])
+    lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+  lines += ['', 'Devices: ' + '; '.join(
+      f"{c.name}: {c.hbm_bytes / _GIB:.1f} GiB, {c.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+      f"{c.hbm_bytes_per_s / 1e9:.0f} GB/s ({c.source})"
+      for c in sorted({chip_of(r['topology']) for r in rows}, key=lambda c: c.name)) + '. '
+      + 'HBM one program may use: ' + ', '.join(sorted(
+          {f"{r['topology']} {r['hbm_available'] / _GIB:.2f} GiB" for r in rows})) + '.']
   fits = {(r['topology'], r['variant'], r['image_size'], r['steps_per_execution']):
           r['max_per_chip'] for r in rows if 'max_per_chip' in r}
-  for (topology, variant, size, k), fit in fits.items():
-    lines.append(f"Max per chip, {topology} {variant} {size}px K={k}: {fit['estimate']} "
-                 f"({fit['how']}; {fit['mb_per_image']} MB per image over "
-                 f"{fit['fixed_mb']} MB fixed).")
+  lines += [f"Max batch, {t} {v} {s}px K={k}: {f['estimate']} ({f['how']}; {f['mb_per_image']} "
+            f"MB per image over {f['fixed_mb']} MB fixed)." for (t, v, s, k), f in fits.items()]
   for r in rows:
-    h = r.get('train', {}).get('hlo')
-    if h:
-      lines += ['', f"Where the bytes go, {r['topology']} {r['variant']} {r['per_chip']}/chip "
-                f"(top-level buffers, written + read, MB per step; {h['logical_mb']:,.0f} "
-                f"logical, {h['padded_mb']:,.0f} padded to tiles): "
-                + ', '.join(f'{k} {v:,.0f}' for k, v in h['padded_mb_by_kind'].items())
-                + '. Written by dtype: '
-                + ', '.join(f'{k} {v:,.0f}' for k, v in h['written_mb_by_dtype'].items())
-                + '. 4-D layouts (minor to major): '
-                + ', '.join(f'{{{k}}} x{v}' for k, v in h['activation_layouts'].items())
-                + '. f32 activations >= 1 MB: '
-                + ('; '.join(f'{k} ({v} MB)' for k, v in h['f32_activation_mb'].items())
-                   or 'none') + '.']
-  lines += ['', 'Machine: ' + '; '.join(f'{k} {v}' for k, v in env.items()
-                                      if k != 'network_isolated') + '.']
+    for name in ('train', 'eval'):
+      if (h := r.get(name, {}).get('hlo')):
+        lines += ['', f"Where the bytes go, {name}, {r['topology']} {r['variant']} "
+                  f"{r['per_chip']}/device (MB per step written + read by top-level ops; "
+                  f"{h['logical_mb']:,.0f} logical, {h['padded_mb']:,.0f} padded to tiles; "
+                  + h.get('note', 'memory-space copies aside') + '): ' + ', '.join(
+                      f'{k} {v:,.0f}' for k, v in h['padded_mb_by_kind'].items())
+                  + '. Written, by dtype: ' + ', '.join(
+                      f'{k} {v:,.0f}' for k, v in h['written_mb_by_dtype'].items())
+                  + '. 4-D activation layouts (minor to major): ' + ', '.join(
+                      f'{{{k}}} x{v}' for k, v in h['activation_layouts'].items())
+                  + '. f32 activations of 1 MB or more: ' + ('; '.join(
+                      f'{k} ({v} MB)' for k, v in h['f32_activation_mb'].items()) or 'none')
+                  + '.']
+  envs = {json.dumps({k: v for k, v in r['environment'].items() if k != 'network_isolated'})
+          for r in rows if 'environment' in r}
+  lines += [''] + ['Machine: ' + '; '.join(v if k == 'machine' else f'{k} {v}'
+                                         for k, v in json.loads(e).items()) + '.'
+                   for e in sorted(envs)]
   return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--topology', default='v5e:2x2', help='comma-separated, e.g. '
-                      'v5e:2x2,v6e:2x2,v5p:2x2x1,v4:2x2x1')
-  parser.add_argument('--per_chip', default='32', help='per-chip batch sizes, comma-separated')
-  parser.add_argument('--variant', default='baseline',
-                      help='comma-separated: baseline, gathered_pool, remat, f32 ("+" combines)')
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--topology', default='v5e:2x2', help='comma-separated TPU topologies '
+                      '(v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1...) or GPUs (h100, h200)')
+  parser.add_argument('--per_chip', default='32', help='batch sizes per device, comma-separated')
+  parser.add_argument('--variant', default='baseline', help='comma-separated: baseline, '
+                      'gathered_pool, remat, f32 ("+" combines)')
   parser.add_argument('--steps_per_execution', default='1', help='K, comma-separated')
   parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--margin', type=float, default=0.1,
-                      help='HBM fraction kept free for "fits" and the max batch')
+  parser.add_argument('--margin', type=float, default=0.1, help='HBM fraction kept free')
   parser.add_argument('--hlo', action='store_true', help='add where the bytes go')
-  parser.add_argument('--out', required=True, help='folder for results.json and results.md; '
-                      'rows already there for other cases are kept')
-  parser.add_argument('--merge', default='', help='comma-separated result folders whose rows '
-                      'join --out\'s (with --per_chip "": merge and rewrite only)')
+  parser.add_argument('--out', required=True, help='folder of results.json and results.md; '
+                      'the rows of other cases already there stay')
+  parser.add_argument('--merge', default='', help='result folders (comma-separated) whose '
+                      'rows join --out\'s; with --per_chip "" nothing is compiled')
   args = parser.parse_args(argv)
-  ensure_isolated([os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])])
+  ensure_isolated([os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)])
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_enable_compilation_cache', False)  # compile times are cold
-  # This host runs nothing: the targets are compile-only devices. (Without this JAX would
-  # try to start the TPU or CUDA plug-in's own devices, which this machine lacks.)
+  # This host runs nothing; the targets are compile-only devices, so JAX must not start
+  # the TPU or CUDA plug-in's own devices (this machine has none).
   jax.config.update('jax_platforms', 'cpu')
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'results.json')
@@ -541,32 +504,33 @@ def main(argv=None) -> None:
 
   def add(new_rows):
     nonlocal rows
-    for r in rows + new_rows:  # rows of an older report may lack it
-      r.setdefault('hbm_available', hbm_of(r['topology']))
     keys = {key(r) for r in new_rows}
     rows = sorted([r for r in rows if key(r) not in keys] + new_rows, key=key)
+    for r in rows:  # rows of an older report may lack these
+      r.setdefault('devices', r.pop('chips', None))
+      r.setdefault('hbm_available', hbm_of(r['topology']))
+      r.setdefault('environment', env)
     derive(rows, args.margin)
     with open(path, 'w') as f:
-      json.dump({'label': LABEL, 'environment': env, 'margin': args.margin,
-                 'chips': {r['topology']: dataclasses.asdict(chip_of(r['topology']))
-                           for r in rows},
-                 'rows': rows}, f, indent=1)
+      json.dump({'label': LABEL, 'margin': args.margin, 'rows': rows, 'devices': {
+          r['topology']: dataclasses.asdict(chip_of(r['topology'])) for r in rows}}, f, indent=1)
     with open(os.path.join(args.out, 'results.md'), 'w') as f:
-      f.write(markdown(rows, env, args.margin))
+      f.write(markdown(rows, args.margin))
 
   for folder in filter(None, args.merge.split(',')):
     add(json.load(open(os.path.join(folder, 'results.json')))['rows'])
-  cases = [(t, v, k, b) for t in args.topology.split(',') for v in args.variant.split(',')
-           for k in map(int, args.steps_per_execution.split(','))
-           for b in map(int, filter(None, args.per_chip.split(',')))]
-  for topology, variant, k, per_chip in cases:
-    print(f'compiling {topology} {variant} per_chip={per_chip} K={k} '
-          f'size={args.image_size} ...', flush=True)
+  for topology, variant, k, per_chip in [
+      (t, v, int(k), int(b)) for t in args.topology.split(',') for v in args.variant.split(',')
+      for k in args.steps_per_execution.split(',') for b in filter(None, args.per_chip.split(','))]:
+    print(f'compiling {topology} {variant} {per_chip}/device K={k} {args.image_size}px',
+          flush=True)
     row = compile_case(topology, per_chip, variant, args.image_size, k, args.hlo)
+    row['environment'] = env
     add([row])
-    print(json.dumps({n: {f: row[n].get(f) for f in (
-        'flops_per_image', 'bytes_per_image', 'temp_size', 'hbm_bytes', 'compile_s',
-        'error')} for n in ('train', 'eval')}), flush=True)
+    print(json.dumps({n: {f: row[n].get(f) for f in ('flops_per_image', 'bytes_per_image',
+                                                     'temp_size', 'hbm_bytes', 'compile_s',
+                                                     'error')} for n in ('train', 'eval')}),
+          flush=True)
   print(f'wrote {path} and results.md')
 
 

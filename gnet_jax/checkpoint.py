@@ -116,10 +116,21 @@ def abstract_tree(abstract_state, sharding) -> dict:
                       state_to_tree(abstract_state))
 
 
+# On an object store Orbax writes a step in place and marks it complete with this file
+# (locally it renames a temporary directory into place instead).
+COMMIT_FILE = 'commit_success.txt'
+
+
 def _steps_on_disk(directory) -> list[int]:
-  if not directory.is_dir():
+  """The steps whose saves completed, read off the directory itself (Orbax's own list
+  leaves out a step whose metadata is unreadable: that one is corrupt, not absent)."""
+  try:
+    entries = list(directory.iterdir()) if directory.is_dir() else []
+  except FileNotFoundError:  # an object-store "folder" exists only while objects are in it
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  remote = paths.is_remote(directory)
+  return sorted(int(p.name) for p in entries
+                if p.name.isdigit() and (not remote or (p / COMMIT_FILE).exists()))
 
 
 def _errors(errors) -> str:
@@ -146,6 +157,8 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only, read_only=read_only)
+    if not read_only:
+      self._set_aside_interrupted_saves()
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=('state', 'meta'))
@@ -255,20 +268,42 @@ class Checkpointer:
     if jax.process_index() == 0:
       print(msg, flush=True)
 
-  def _set_aside(self, step: int) -> None:
-    """Moves a bad checkpoint out of the way of new saves (process 0 moves)."""
-    target = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}'
-    logger.warning('Moved the bad checkpoint of step %d to %s.', step, target)
+  def _move_aside(self, step: int, why: str) -> None:
+    """Moves step's folder to <workdir>/corrupt_checkpoints/ (process 0 moves; the others
+    wait for it), out of the way of new saves and never deleted."""
+    target = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}{why}'
+    logger.warning('Moved the checkpoint folder of step %d to %s.', step, target)
     if jax.process_index() == 0:
       src = self.directory / str(step)
       if src.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        src.rename(target)
+        paths.move(src, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices(f'gnet_checkpoint_set_aside_{step}')
+      multihost_utils.sync_global_devices(f'gnet_checkpoint_move_aside_{step}')
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a bad checkpoint out of the way of new saves."""
+    self._move_aside(step, '')
     self.manager.reload()
     self._last_saved = self.manager.latest_step()
+
+  def _set_aside_interrupted_saves(self) -> None:
+    """On an object store Orbax writes a step in place and commits it last: a save killed
+    half way leaves a step folder without COMMIT_FILE, which a new save of that step
+    would write into. Such folders are moved aside before the manager starts (locally,
+    Orbax removes its own temporary folders)."""
+    if not (paths.is_remote(self.directory) and self.directory.is_dir()):
+      return
+    try:
+      entries = list(self.directory.iterdir())
+    except FileNotFoundError:
+      return
+    for p in entries:
+      if p.name.isdigit() and not (p / COMMIT_FILE).exists():
+        logger.warning('The save of step %s in %s was interrupted (no %s).', p.name,
+                       self.directory, COMMIT_FILE)
+        self._move_aside(int(p.name), '.interrupted')
 
   # --- writing -----------------------------------------------------------------------
   def save(self, step: int, tree: dict, run: dict, train_window: list,
@@ -354,7 +389,8 @@ def load_variables(workdir, step: int | None = None, *, ema: bool | None = None)
   checkpointer = Checkpointer(workdir, read_only=True, async_save=False)
 
   def wanted(tree):
-    has_ema = 'ema' in tree
+    # A run without EMA saves ema=None; some storages' metadata keep that key, others not.
+    has_ema = tree.get('ema') is not None
     if ema and not has_ema:
       raise ValueError('this checkpoint has no EMA variables (trained without '
                        'config.ema_decay); load the raw ones (ema=False)')

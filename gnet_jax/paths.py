@@ -38,3 +38,20 @@ def write_text_atomic(target, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, target)
+
+
+def move(src, dst) -> None:
+  """Moves a file or folder: a rename locally; on an object store (no folders, no
+  renames of prefixes) each object is copied, then the source removed."""
+  src, dst = path(src), path(dst)
+  if not is_remote(src):
+    src.rename(dst)
+    return
+  if not src.is_dir():
+    dst.write_bytes(src.read_bytes())
+    src.unlink()
+    return
+  for entry in src.iterdir():  # object stores refuse recursive globs ('**')
+    move(entry, dst / entry.name)
+  if src.exists():
+    src.rmtree()

@@ -13,6 +13,7 @@ TensorBoard events through epath).
 """
 import json
 import logging
+import socketserver
 import sys
 from http import HTTPStatus
 
@@ -50,12 +51,62 @@ def _move(request, response, storage, *args, **kwargs):  # pylint: disable=unuse
     response.status = HTTPStatus.NOT_FOUND
 
 
-def main() -> None:
-  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
-  logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)  # "not found" chatter
+def _patch(server) -> None:
+  """Fixes what real GCS clients (libcurl in tensorstore) send that the emulator mishandles."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
   route = (r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)'
            r'/moveTo/o/(?P<dest_object_id>.*[^/]+)$', {'POST': _move})
   server.HANDLERS = (route, *server.HANDLERS)
+  read_raw = server._read_raw_data  # pylint: disable=protected-access
+
+  def read_raw_data(handler):
+    # RFC 9112: Transfer-Encoding: chunked wins over Content-Length. libcurl sends both on
+    # resumable uploads, and the emulator stored the chunk framing as the object's bytes.
+    if (handler.headers.get('Transfer-Encoding') or '').lower() == 'chunked':
+      del handler.headers['Content-Length']
+    return read_raw(handler)
+  server._read_raw_data = read_raw_data  # pylint: disable=protected-access
+  media_upload = objects._media_upload  # pylint: disable=protected-access
+
+  def empty_media_upload(request, response, storage):
+    if request.data is None:  # a zero-byte upload crashed the handler
+      request._data = b''  # pylint: disable=protected-access
+    return media_upload(request, response, storage)
+  objects._media_upload = empty_media_upload  # pylint: disable=protected-access
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    # Real GCS names the object's generation in every download's headers; tensorstore
+    # (Orbax's OCDBT manifest read-back) refuses a download without it.
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj.get('metageneration', 1))
+    except Exception:  # pylint: disable=broad-except  # the download answers 404 itself
+      pass
+    return download(request, response, storage, *args, **kwargs)
+  objects.download = download_with_generation
+  server.HANDLERS = tuple(
+      (route, {m: download_with_generation if h is download else h for m, h in methods.items()})
+      if isinstance(methods, dict) else (route, methods) for route, methods in server.HANDLERS)
+  parse_request = server.RequestHandler.parse_request
+
+  def answer_expect_continue(handler):
+    # An HTTP/1.0 server does not answer "Expect: 100-continue": libcurl waited 1 s.
+    ok = parse_request(handler)
+    if ok and (handler.headers.get('Expect') or '').lower() == '100-continue':
+      handler.send_response_only(100)
+      handler.end_headers()
+    return ok
+  server.RequestHandler.parse_request = answer_expect_continue
+  # Clients close connections early at times: no traceback for each (this process only).
+  socketserver.BaseServer.handle_error = lambda *args: None
+
+
+def main() -> None:
+  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+  logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)  # "not found" chatter
+  _patch(server)
   emulator = server.create_server('127.0.0.1', 0, in_memory=True, default_bucket='bucket')
   emulator.start()
   port = emulator._api._httpd.server_address[1]  # pylint: disable=protected-access

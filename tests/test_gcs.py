@@ -45,15 +45,26 @@ def records(workdir):
 def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digits_data_dir,
                                                                  tmp_path):
   remote, local = f'{gcs_bucket}/run', str(tmp_path / 'local')
-  reference, proc = start(digits_data_dir, local), start(digits_data_dir, remote)
-  committed = epath.Path(remote) / 'checkpoints' / '3'
-  deadline = time.time() + 600
-  while not (committed.exists() and 4 in [r['step'] for r in records(remote)]):
-    assert proc.poll() is None, proc.communicate()[0][-4000:]
-    assert time.time() < deadline, 'no checkpoint 3 on gs:// in 10 minutes'
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
+  reference = start(digits_data_dir, local)
+  step3 = epath.Path(remote) / 'checkpoints' / '3'
+
+  def kill_when(condition, what):
+    proc = start(digits_data_dir, remote)
+    deadline = time.time() + 600
+    while not condition():
+      assert proc.poll() is None, proc.communicate()[0][-4000:]
+      assert time.time() < deadline, f'{what} did not happen in 10 minutes'
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+  # On gs:// a step is written in place and committed last (commit_success.txt): killed
+  # half way, it must not be taken for a checkpoint...
+  kill_when(lambda: step3.exists(), 'the save of step 3')
+  assert not (step3 / 'commit_success.txt').exists(), 'the save finished before the kill'
+  # ...and killed after it, the run resumes from it.
+  kill_when(lambda: (step3 / 'commit_success.txt').exists() and 4 in [
+      r['step'] for r in records(remote)], 'checkpoint 3 and step 4')
   out = finish(start(digits_data_dir, remote))
   finish(reference)
   assert f'Resumed from checkpoint {remote}/checkpoints/' in out
@@ -64,7 +75,7 @@ def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digi
   files = {p.name for p in epath.Path(remote).iterdir()}
   assert {'config.json', 'model.json', 'metrics.jsonl', 'curves.png', 'train.log'} <= files
   events = [n for n in files if n.startswith('events.out.tfevents.')]
-  assert len(events) == 2  # the first run's and the resumed run's
+  assert len(events) == 3  # one per run: the two killed ones and the one that finished
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tags = set()
   for name in events:  # TensorFlow reads gs:// only from real GCS: read a local copy

@@ -49,11 +49,12 @@ def test_tpu_compile_report(tmp_path):
       capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   result = json.loads((out / 'results.json').read_text())
-  assert result['environment']['network_isolated']
   rows = {r['steps_per_execution']: r for r in result['rows']}
   assert sorted(rows) == [1, 2]
   for row in rows.values():
-    assert (row['chips'], row['dtype'], row['pool_block']) == (4, 'bfloat16', 'MaxPool')
+    assert row['environment']['network_isolated']  # libtpu ran without network
+    assert (row['devices'], row['dtype'], row['pool_block']) == (4, 'bfloat16', 'MaxPool')
+    assert 15 * 2 ** 30 < row['hbm_available'] <= V5E_HBM  # libtpu's figure: 15.75 GiB
     for name in ('train', 'eval'):
       f = row[name]
       assert 'error' not in f, f
@@ -61,8 +62,9 @@ def test_tpu_compile_report(tmp_path):
       assert 0 < f['hbm_bytes'] < V5E_HBM and f['fits']
       assert f['roofline_images_per_s'] > 0 and 0 < f['roofline_mxu_fraction'] <= 1
     train, evaluate = row['train'], row['eval']
-    # Forward, backward and update: 2x to 4x the forward's FLOPs (aux heads run in training).
-    assert 2 < train['flops'] / evaluate['flops'] < 5
+    # Forward, backward and update: over twice the forward's FLOPs (at 224x224 3x; at
+    # 32x32 the aux heads' and the update's fixed FLOPs make it 5x).
+    assert 2 < train['flops'] / evaluate['flops'] < 8
     # The state (float32 parameters and momentum, ~107 MB) is an argument of both steps.
     assert train['argument_size'] > 100e6
     assert train['hlo']['f32_activation_mb'] == {}  # bf16 activations throughout
