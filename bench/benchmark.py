@@ -8,7 +8,7 @@ heads, loss, backward, SGD with Nesterov momentum and weight decay); inference i
 jitted eval-mode forward. `--compare torchvision` adds torchvision's googlenet doing the
 same work on the same inputs: eager NCHW, eager channels_last and torch.compile
 (channels_last), under autocast when --dtype bfloat16. torch is an optional extra
-(`pip install -e '.[test]'` installs it).
+(`pip install -e '.[torch]'`).
 
 Every case runs in a child process of its own, so its compile time is cold (JAX's
 persistent cache is off unless --compilation_cache_dir names one) and its memory its
@@ -21,6 +21,8 @@ JAX train step runs as train.py runs it, config.steps_per_execution steps per ca
 "step" is one call, divided by the steps in it.
 Results go to <out>/results.json and results.md (with a description of the machine);
 several --batch_sizes also print the cost per image and write curve.png.
+One file (over 400 lines): the parent that schedules cases and the child that runs one
+are the same script, so a case is reproduced by one command line.
 """
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ bytes `hlo_traffic`'s, a coarser estimate.
 libtpu asks a cloud metadata server about its machine at start-up. Nothing may leave this
 machine: the script runs only in a network namespace with no interface but loopback (it
 re-executes itself under `unshare -n`, or refuses) and with TPU_SKIP_MDS_QUERY=1.
+It is one file (over 400 lines) so that it re-executes itself as a whole, and so that its
+test can import the parsing helpers without JAX.
 """
 from __future__ import annotations
 

@@ -244,6 +244,7 @@ def test_init_deterministic_in_key(small):
                          other['params']['conv1']['conv']['kernel'])
 
 
+@pytest.mark.slow  # a third compile of the network; the train steps take gradients in the fast tier
 def test_jit_and_grad(small):
   variables, images = small
   labels = jnp.arange(4) % 10
@@ -279,6 +280,7 @@ def test_bf16_close_to_float32(small):
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
 
 
+@pytest.mark.slow  # two more compiles of the network
 def test_without_batchnorm():
   images = jnp.ones((2, 32, 32, 3))
   variables = init(jax.random.key(0), images, num_classes=10, use_bn=False)
@@ -288,6 +290,7 @@ def test_without_batchnorm():
   assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow  # two more compiles of the network
 def test_transform_input():
   images = jnp.zeros((1, 32, 32, 3))
   options = dict(variant='torchvision', num_classes=10)
