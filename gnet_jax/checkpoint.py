@@ -124,16 +124,23 @@ def abstract_tree(abstract_state, sharding) -> dict:
 COMMIT_FILE = 'commit_success.txt'
 
 
-def _steps_on_disk(directory) -> list[int]:
-  """The steps whose saves completed, read off the directory itself (Orbax's own list
-  leaves out a step whose metadata is unreadable: that one is corrupt, not absent)."""
+def _step_folders(directory) -> list[tuple[int, bool]]:
+  """(step, save completed) of every step folder in `directory`, read off the directory
+  itself: locally a folder is there only once complete; on an object store, once it also
+  holds COMMIT_FILE."""
   try:
     entries = list(directory.iterdir()) if directory.is_dir() else []
   except FileNotFoundError:  # an object-store "folder" exists only while objects are in it
     return []
   remote = paths.is_remote(directory)
-  return sorted(int(p.name) for p in entries
-                if p.name.isdigit() and (not remote or (p / COMMIT_FILE).exists()))
+  return sorted((int(p.name), not remote or (p / COMMIT_FILE).exists())
+                for p in entries if p.name.isdigit())
+
+
+def _steps_on_disk(directory) -> list[int]:
+  """The steps whose saves completed (Orbax's own list leaves out a step whose metadata is
+  unreadable: that one is corrupt, not absent)."""
+  return [step for step, complete in _step_folders(directory) if complete]
 
 
 def _errors(errors) -> str:
@@ -296,17 +303,11 @@ class Checkpointer:
     half way leaves a step folder without COMMIT_FILE, which a new save of that step
     would write into. Such folders are moved aside before the manager starts (locally,
     Orbax removes its own temporary folders)."""
-    if not (paths.is_remote(self.directory) and self.directory.is_dir()):
-      return
-    try:
-      entries = list(self.directory.iterdir())
-    except FileNotFoundError:
-      return
-    for p in entries:
-      if p.name.isdigit() and not (p / COMMIT_FILE).exists():
-        logger.warning('The save of step %s in %s was interrupted (no %s).', p.name,
+    for step, complete in _step_folders(self.directory):
+      if not complete:
+        logger.warning('The save of step %d in %s was interrupted (no %s).', step,
                        self.directory, COMMIT_FILE)
-        self._move_aside(int(p.name), '.interrupted')
+        self._move_aside(step, '.interrupted')
 
   # --- writing -----------------------------------------------------------------------
   def save(self, step: int, tree: dict, run: dict, train_window: list,

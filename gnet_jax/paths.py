@@ -41,10 +41,10 @@ def write_text_atomic(target, text: str) -> None:
 
 
 def move(src, dst) -> None:
-  """Moves a file or folder: a rename locally; on an object store (no folders, no
-  renames of prefixes) each object is copied, then the source removed."""
+  """Moves a file or folder: a rename between local paths; where either side is an object
+  store (no folders, no renames of prefixes) each file is copied, then the source removed."""
   src, dst = path(src), path(dst)
-  if not is_remote(src):
+  if not (is_remote(src) or is_remote(dst)):
     src.rename(dst)
     return
   if not src.is_dir():

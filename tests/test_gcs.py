@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from gnet_jax import checkpoint, export, metrics, predict
+from gnet_jax import checkpoint, export, metrics, paths, predict
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +94,17 @@ def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digi
   probs = np.asarray(jax.nn.softmax(logits))
   for row, top5 in zip(probs, predictor.top_k(images)):
     np.testing.assert_allclose([p for _, p in top5], np.sort(row)[::-1][:5], rtol=1e-4)
+
+
+def test_a_local_folder_moves_onto_the_bucket(gcs_bucket, tmp_path):
+  """paths.move, as a profile traced locally reaches a gs:// workdir: every file copied
+  (nested folders too), then the local folder removed."""
+  local = tmp_path / 'profile'
+  (local / 'plugins' / 'profile').mkdir(parents=True)
+  (local / 'plugins' / 'profile' / 'trace.xplane.pb').write_bytes(b'\x01\x02')
+  (local / 'perfetto_trace.json.gz').write_bytes(b'gz')
+  paths.move(local, f'{gcs_bucket}/run2/profile')
+  remote = epath.Path(f'{gcs_bucket}/run2/profile')
+  assert (remote / 'plugins' / 'profile' / 'trace.xplane.pb').read_bytes() == b'\x01\x02'
+  assert (remote / 'perfetto_trace.json.gz').read_bytes() == b'gz'
+  assert not local.exists()

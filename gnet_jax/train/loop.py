@@ -139,9 +139,14 @@ def evaluate(exp: experiment.Experiment, variables, config, source) -> dict[str,
 class _Profiler:
   """A jax.profiler trace of steps first..last (config.profile_steps 'first,last', as
   logged: step n is the n-th batch) in WORKDIR/profile, for TensorBoard's profile plugin
-  (`tensorboard --logdir WORKDIR`) and Perfetto (its perfetto_trace.json.gz)."""
+  (`tensorboard --logdir WORKDIR`) and Perfetto (its perfetto_trace.json.gz). With
+  profile_steps '' every method does nothing."""
 
   def __init__(self, steps: str, workdir, num_steps: int):
+    self.active = False
+    self.first = None
+    if not steps:
+      return
     try:
       self.first, self.last = (int(s) for s in steps.split(','))
     except ValueError:
@@ -154,18 +159,17 @@ class _Profiler:
     # The profiler writes local files; an object-store workdir gets a copy at the end.
     self.local = (self.target if not paths.is_remote(self.target) else
                   paths.path(tempfile.mkdtemp(prefix='gnet_jax_profile_')))
-    self.active = False
 
-  def boundaries(self) -> tuple[int, int]:
+  def boundaries(self) -> tuple[int, ...]:
     """Steps where train calls must end: the trace covers whole calls."""
-    return self.first - 1, self.last
+    return () if self.first is None else (self.first - 1, self.last)
 
   def annotate(self, step: int):
     return jax.profiler.StepTraceAnnotation('train', step_num=step) if self.active else (
         contextlib.nullcontext())
 
   def before_call(self, step: int) -> None:
-    if step == self.first - 1:
+    if self.first is not None and step == self.first - 1:
       jax.profiler.start_trace(str(self.local), create_perfetto_trace=True)
       self.active = True
 
@@ -176,11 +180,7 @@ class _Profiler:
     jax.profiler.stop_trace()
     self.active = False
     if self.local != self.target:
-      for f in self.local.rglob('*'):
-        if f.is_file():
-          dest = self.target / f.relative_to(self.local)
-          dest.parent.mkdir(parents=True, exist_ok=True)
-          dest.write_bytes(f.read_bytes())
+      paths.move(self.local, self.target)
     log(f'Profiled steps {self.first}-{self.last} into {self.target} (TensorBoard: '
         f'tensorboard --logdir {self.target.parent}, Profile tab; Perfetto: '
         'perfetto_trace.json.gz at https://ui.perfetto.dev).')
@@ -204,8 +204,8 @@ class _Run:
       self.spec.save(self.workdir)
     self.info = info
     self.extra_writers = list(writers)
-    self.profiler = (_Profiler(self.config.profile_steps, self.workdir, self.exp.num_steps)
-                     if self.config.get('profile_steps') else None)
+    self.profiler = _Profiler(self.config.get('profile_steps', ''), self.workdir,
+                              self.exp.num_steps)
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir, max_to_keep=self.config.checkpoint_max_to_keep,
         keep_best=self.config.checkpoint_keep_best, async_save=self.config.checkpoint_async)
@@ -274,8 +274,7 @@ class _Run:
     c = self.config
     bounds = [b for b in (c.log_every_steps, self.eval_every, c.checkpoint_every_steps)
               if b > 0]
-    marks = [m - step for m in (self.profiler.boundaries() if self.profiler else ())
-             if m > step]
+    marks = [m - step for m in self.profiler.boundaries() if m > step]
     return min(c.steps_per_execution, self.exp.num_steps - step,
                *(b - step % b for b in bounds), *marks)
 
@@ -325,14 +324,12 @@ class _Run:
                                                     c.steps_per_execution)
         if train_fn is None:
           train_fn = self.compile(state, batches, n, writers)
-        if self.profiler:
-          self.profiler.before_call(step)
-        with self.profiler.annotate(step + 1) if self.profiler else contextlib.nullcontext():
+        self.profiler.before_call(step)
+        with self.profiler.annotate(step + 1):
           state, history = train_fn(state, batches, np.int32(n))
         window.add(history, n)
         step += n
-        if self.profiler:
-          self.profiler.after_call(step, state, writers.log)
+        self.profiler.after_call(step, state, writers.log)
         writers.advance(n)
         if step % c.log_every_steps == 0 or step == num_steps:
           self.log_train(writers, window, step)
