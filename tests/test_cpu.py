@@ -298,6 +298,27 @@ def test_build_failure_says_why(tmp_path, monkeypatch):
   assert not list(tmp_path.rglob('*.so'))  # nothing half-written left behind
 
 
+def test_each_onednn_location_gets_its_own_build(tmp_path, monkeypatch):
+  """The library finds oneDNN through the path it was linked with: a build made for a
+  virtual environment that is gone must not be reused by the next one (it cannot load)."""
+  monkeypatch.setenv('GNET_JAX_CACHE', str(tmp_path / 'cache'))
+  compiler = tmp_path / 'fake-c++'  # writes the rpath it was given as the "library"
+  compiler.write_text('#!/bin/sh\nfor a; do case $a in -Wl,-rpath,*) r=$a;; esac; done\n'
+                      'while [ "$1" != -o ]; do shift; done; echo "$r" > "$2"\n')
+  compiler.chmod(0o755)
+  monkeypatch.setenv('CXX', str(compiler))
+  here = build.build()
+  other_venv = tmp_path / 'other-venv' / 'lib'
+  other_venv.mkdir(parents=True)
+  real_package_file = build._package_file
+  monkeypatch.setattr(build, '_package_file', lambda dist, name: (
+      other_venv / name if dist == 'onednn-cpu-gomp' else real_package_file(dist, name)))
+  there = build.build()
+  assert here != there
+  assert there.read_text().strip() == f'-Wl,-rpath,{other_venv}'
+  assert build.build() == there  # and each is reused
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_off_switch_and_other_libraries_loaded_first():

@@ -2,7 +2,9 @@
 
 The library is compiled on first use against the oneDNN of the `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp` wheels (requirements.txt) and kept in
-`~/.cache/gnet_jax/onednn` (`GNET_JAX_CACHE`), keyed by source, flags and versions.
+`~/.cache/gnet_jax/onednn` (`GNET_JAX_CACHE`), keyed by source, flags, versions and
+where oneDNN lives (the library finds it by that path, so every virtual environment gets
+its own build and a deleted one leaves no build behind that cannot load).
 Where it cannot be built or loaded (no compiler, not Linux x86-64), `available()` says
 why once and returns False; `GNET_JAX_ONEDNN=0` turns it off.
 """
@@ -48,7 +50,7 @@ def _package_file(dist: str, name: str) -> pathlib.Path:
 
 
 def build() -> pathlib.Path:
-  """The compiled library, built once per source, flags, jaxlib and oneDNN version."""
+  """The compiled library, built once per source, flags, jaxlib, oneDNN version and path."""
   if platform.system() != 'Linux' or platform.machine() != 'x86_64':
     raise Unavailable(f'oneDNN wheels exist for Linux x86-64, not {platform.system()} '
                       f'{platform.machine()}')
@@ -61,7 +63,8 @@ def build() -> pathlib.Path:
   key = hashlib.sha256(b'\0'.join([
       SOURCE.read_bytes(), ' '.join(CXXFLAGS).encode(),
       importlib.metadata.version('jaxlib').encode(),
-      importlib.metadata.version('onednn-cpu-gomp').encode(), compiler.encode()]))
+      importlib.metadata.version('onednn-cpu-gomp').encode(), compiler.encode(),
+      str(libdnnl.parent).encode()]))
   cache = pathlib.Path(os.environ.get('GNET_JAX_CACHE',
                                       pathlib.Path.home() / '.cache' / 'gnet_jax'))
   target = cache / 'onednn' / key.hexdigest()[:16] / 'libgnet_onednn.so'
