@@ -7,11 +7,11 @@ or SLURM cluster, where JAX finds them itself.
 
 The workdir may be local or on an object store (gs://bucket/run). Checkpoints go to
 <workdir>/checkpoints: running the same command again on a workdir that has some resumes
-from the newest good one. Libraries' log records go to <workdir>/train.log; the console
-holds the progress bar, evaluations and warnings. SIGTERM (preemption) saves a checkpoint at the
-end of the current step and exits 0. Compiled steps are kept in JAX's persistent
-compilation cache (--compilation_cache_dir), so a resumed or repeated run skips most of
-the compile.
+from the newest good one. Libraries' log records, and TensorFlow's C++ start-up notices,
+go to <workdir>/train.log; the console holds the progress bar, evaluations and warnings.
+SIGTERM (preemption) saves a checkpoint at the end of the current step and exits 0.
+Compiled steps are kept in JAX's persistent compilation cache (--compilation_cache_dir),
+so a resumed or repeated run skips most of the compile.
 """
 import os
 import sys
@@ -45,7 +45,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and jax is configured before first use.
   import jax  # pylint: disable=import-outside-toplevel
-  from gnet_jax import checkpoint, cpu, metrics, train  # pylint: disable=import-outside-toplevel
+  from gnet_jax import cpu, metrics, paths  # pylint: disable=import-outside-toplevel
   cpu.use_fast_cpu_kernels()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
@@ -70,7 +70,12 @@ def main(argv):
     logging.info('JAX %s, %d process(es), devices: %s', jax.__version__,
                  jax.process_count(), jax.devices())
     if jax.process_index() == 0:
-      print(f"Libraries' log: {log_file}", flush=True)
+      target = paths.path(FLAGS.workdir) / metrics.LOG_FILE
+      print(f"Libraries' log: {log_file}"
+            + (f' (copied to {target} at the end)' if str(target) != str(log_file) else ''),
+            flush=True)
+    with metrics.native_stderr_to(log_file):  # TensorFlow's start-up notices
+      from gnet_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
     try:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import socket
 import sys
 import tempfile
@@ -246,12 +247,19 @@ def create_writers(config, workdir, *, start_step: int, num_steps: int, enabled:
 LOG_FILE = 'train.log'
 
 
+def _for_the_console(record: logging.LogRecord) -> bool:
+  # TensorFlow only decodes images here: its warnings are deprecation notices about
+  # tfds's own calls, which the person training can do nothing about (file only).
+  return record.name != 'tensorflow' or record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def log_to_workdir(workdir):
   """Sends log records (INFO and up: this project's, Orbax's, JAX's...) to
-  WORKDIR/train.log for the block, and to the console only from WARNING up, so libraries'
-  chatter never runs over the progress bar. On an object store the log is written
-  locally and copied there at the end."""
+  WORKDIR/train.log for the block, and to the console only from WARNING up (TensorFlow's
+  from ERROR up), so libraries' chatter never runs over the progress bar. Yields the local
+  file being written: WORKDIR/train.log, or on an object store a local file that is
+  copied there at the end."""
   target = paths.path(workdir) / LOG_FILE
   local = target if not paths.is_remote(target) else paths.path(
       tempfile.mkdtemp(prefix='gnet_jax_log_')) / LOG_FILE
@@ -262,14 +270,33 @@ def log_to_workdir(workdir):
   to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
   to_console = logging.StreamHandler(sys.stderr)
   to_console.setLevel(logging.WARNING)
+  to_console.addFilter(_for_the_console)
   to_console.setFormatter(logging.Formatter('%(levelname)s: %(message)s'))
   root.handlers[:] = [to_file, to_console]
   root.setLevel(logging.INFO)
   try:
-    yield target
+    yield local
   finally:
     to_file.close()
     root.handlers[:] = handlers
     root.setLevel(level)
     if local != target:
       target.write_bytes(local.read_bytes())
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_file):
+  """Appends what native code writes straight to file descriptor 2 during the block to
+  LOG_FILE (a local path): TensorFlow's C++ start-up notices, which ignore
+  TF_CPP_MIN_LOG_LEVEL before absl's logging starts, and its CUDA probing where CUDA
+  libraries are installed. Meant for imports: a crash inside the block is told there only."""
+  sys.stderr.flush()
+  console = os.dup(2)
+  try:
+    with open(log_file, 'ab') as f:
+      os.dup2(f.fileno(), 2)
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(console, 2)
+    os.close(console)

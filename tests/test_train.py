@@ -2,6 +2,7 @@
 config errors, what a run writes. Small: 32x32 digits, a handful of steps."""
 import glob
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -196,6 +197,29 @@ def test_batch_that_does_not_divide_the_devices(digits_data_dir, tmp_path):
                      check=False)
   assert result.returncode != 0
   assert 'batch_size=12' in result.stderr and '8' in result.stderr
+
+
+def test_native_start_up_notices_go_to_the_log_not_the_console(digits_data_dir, tmp_path):
+  # TensorFlow's C++ notices (oneDNN's, at import) are written to file descriptor 2, past
+  # Python's logging. The run stops at the batch check, after every import.
+  result = run_train(tiny_overrides(digits_data_dir, tmp_path, batch_size=12), devices=8,
+                     env={'TF_CPP_MIN_LOG_LEVEL': '0'}, check=False)
+  assert 'batch_size=12' in result.stderr
+  assert 'port.cc' not in result.stdout + result.stderr
+  assert 'port.cc' in (tmp_path / metrics.LOG_FILE).read_text()
+
+
+def test_tensorflow_warnings_go_to_the_log_only(tmp_path, capsys):
+  # TensorFlow only decodes images: its warnings are tfds's deprecation notices.
+  with metrics.log_to_workdir(str(tmp_path)) as log_file:
+    logging.getLogger('tensorflow').warning('From reader.py: CounterV2 is deprecated')
+    logging.getLogger('absl').warning('a warning for the person training')
+    logging.getLogger('tensorflow').error('an image could not be decoded')
+  console = capsys.readouterr().err
+  assert 'CounterV2' not in console
+  assert 'person training' in console and 'could not be decoded' in console
+  log = log_file.read_text()
+  assert all(m in log for m in ('CounterV2', 'person training', 'could not be decoded'))
 
 
 def test_weight_decay_skips_batchnorm_and_biases():
