@@ -70,10 +70,8 @@ def main(argv):
     logging.info('JAX %s, %d process(es), devices: %s', jax.__version__,
                  jax.process_count(), jax.devices())
     if jax.process_index() == 0:
-      target = paths.path(FLAGS.workdir) / metrics.LOG_FILE
-      print(f"Libraries' log: {log_file}"
-            + (f' (copied to {target} at the end)' if str(target) != str(log_file) else ''),
-            flush=True)
+      copied = ' (copied to the workdir at the end)' if paths.is_remote(FLAGS.workdir) else ''
+      print(f"Libraries' log: {log_file}{copied}", flush=True)
     with metrics.native_stderr_to(log_file):  # TensorFlow's start-up notices
       from gnet_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
     try:

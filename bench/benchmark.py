@@ -261,11 +261,13 @@ def run_case(case: Case) -> dict:
   return {**dataclasses.asdict(case), 'name': case.name, **result}
 
 
-def package_versions() -> dict:
+def package_versions(packages=('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision')
+                     ) -> dict:
+  """{package: version} of those of `packages` that are installed."""
   # pylint: disable=import-outside-toplevel
   from importlib import metadata
   versions = {}
-  for package in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision'):
+  for package in packages:
     try:
       versions[package] = metadata.version(package)
     except metadata.PackageNotFoundError:

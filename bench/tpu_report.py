@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import socket
@@ -394,20 +393,13 @@ LABEL = ('**Compiler estimates, not measurements**: XLA\'s cost and memory analy
 
 def environment() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-
-  def version(dist):
-    try:
-      return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-      return None
+  import benchmark  # pylint: disable=import-outside-toplevel  (bench/benchmark.py)
   git = lambda *a: subprocess.run(['git', '-C', REPO, *a], capture_output=True,
                                   text=True).stdout.strip()
-  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
-              if l.startswith('model name')), platform.processor())
-  return {'machine': f'{cpu}, {os.cpu_count()} cores, {platform.platform()}',
-          'python': platform.python_version(), 'jax': jax.__version__,
-          **{d: v for d in ('jaxlib', 'flax', 'libtpu', 'jax-cuda12-pjrt') if (v := version(d))},
+  machine = benchmark.describe_machine()
+  return {'machine': f"{machine['cpu']}, {machine['cores']} cores, {machine['os']}",
+          'python': machine['python'], 'jax': jax.__version__,
+          **benchmark.package_versions(('jaxlib', 'flax', 'libtpu', 'jax-cuda12-pjrt')),
           'git': git('rev-parse', '--short', 'HEAD') + (
               ' with uncommitted changes' if git('status', '--porcelain', '-uno') else ''),
           'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
@@ -457,6 +449,7 @@ def markdown(rows: list[dict], margin: float) -> str:
         lines += ['', f"Where the bytes go, {name}, {r['topology']} {r['variant']} "
                   f"{r['per_chip']}/device (MB per step written + read by top-level ops; "
                   f"{h['logical_mb']:,.0f} logical, {h['padded_mb']:,.0f} padded to tiles; "
+                  # 'note': set by hand on rows an earlier hlo_traffic counted otherwise
                   + h.get('note', 'memory-space copies aside') + '): ' + ', '.join(
                       f'{k} {v:,.0f}' for k, v in h['padded_mb_by_kind'].items())
                   + '. Written, by dtype: ' + ', '.join(
@@ -508,10 +501,6 @@ def main(argv=None) -> None:
     nonlocal rows
     keys = {key(r) for r in new_rows}
     rows = sorted([r for r in rows if key(r) not in keys] + new_rows, key=key)
-    for r in rows:  # rows of an older report may lack these
-      r.setdefault('devices', r.pop('chips', None))
-      r.setdefault('hbm_available', hbm_of(r['topology']))
-      r.setdefault('environment', env)
     derive(rows, args.margin)
     with open(path, 'w') as f:
       json.dump({'label': LABEL, 'margin': args.margin, 'rows': rows, 'devices': {

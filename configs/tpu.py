@@ -13,7 +13,8 @@ def get_config():
   # (1024 is 256 per chip on a v5e-4/v6e-4/v5p-8): below that XLA pads the narrow Inception
   # branches to 128 lanes and the bytes per image rise (BENCHMARKS.md, TPU section: 307 MB
   # at 32 per chip, 169 at 256; 4.4 of a v5e chip's 15.75 GiB). XLA's own max pool, no
-  # remat and one step per call are the measured TPU choices (gnet_jax.cpu.model_blocks).
+  # remat and one step per call are the TPU choices from bench/tpu_report.py's compiler
+  # estimates, not measurements on a TPU (the defaults: configs/default.py).
   config.batch_size = 1024
   config.warmup_epochs = 5
   return config

@@ -119,28 +119,17 @@ def abstract_tree(abstract_state, sharding) -> dict:
                       state_to_tree(abstract_state))
 
 
-# On an object store Orbax writes a step in place and marks it complete with this file
-# (locally it renames a temporary directory into place instead).
-COMMIT_FILE = 'commit_success.txt'
-
-
-def _step_folders(directory) -> list[tuple[int, bool]]:
-  """(step, save completed) of every step folder in `directory`, read off the directory
-  itself: locally a folder is there only once complete; on an object store, once it also
-  holds COMMIT_FILE."""
+def _steps_on_disk(directory) -> list[int]:
+  """The steps whose saves completed, read off the directory itself (Orbax's own list
+  leaves out a step whose metadata is unreadable: that one is corrupt, not absent).
+  Complete is Orbax's rule: locally, renamed into place; on gs://, committed
+  (commit_success.txt). Orbax removes incomplete ones when a writing manager starts."""
   try:
     entries = list(directory.iterdir()) if directory.is_dir() else []
   except FileNotFoundError:  # an object-store "folder" exists only while objects are in it
     return []
-  remote = paths.is_remote(directory)
-  return sorted((int(p.name), not remote or (p / COMMIT_FILE).exists())
-                for p in entries if p.name.isdigit())
-
-
-def _steps_on_disk(directory) -> list[int]:
-  """The steps whose saves completed (Orbax's own list leaves out a step whose metadata is
-  unreadable: that one is corrupt, not absent)."""
-  return [step for step, complete in _step_folders(directory) if complete]
+  return sorted(int(p.name) for p in entries
+                if p.name.isdigit() and ocp.step.is_path_finalized(p))
 
 
 def _errors(errors) -> str:
@@ -167,8 +156,6 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only, read_only=read_only)
-    if not read_only:
-      self._set_aside_interrupted_saves()
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=('state', 'meta'))
@@ -278,11 +265,11 @@ class Checkpointer:
     if jax.process_index() == 0:
       print(msg, flush=True)
 
-  def _move_aside(self, step: int, why: str) -> None:
-    """Moves step's folder to <workdir>/corrupt_checkpoints/ (process 0 moves; the others
-    wait for it), out of the way of new saves and never deleted."""
-    target = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}{why}'
-    logger.warning('Moved the checkpoint folder of step %d to %s.', step, target)
+  def _set_aside(self, step: int) -> None:
+    """Moves a bad checkpoint to <workdir>/corrupt_checkpoints/, out of the way of new
+    saves and never deleted (process 0 moves; the others wait for it)."""
+    target = self.workdir / CORRUPT_DIR / f'{step}.{int(time.time())}'
+    logger.warning('Moved the bad checkpoint of step %d to %s.', step, target)
     if jax.process_index() == 0:
       src = self.directory / str(step)
       if src.exists():
@@ -290,24 +277,9 @@ class Checkpointer:
         paths.move(src, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices(f'gnet_checkpoint_move_aside_{step}')
-
-  def _set_aside(self, step: int) -> None:
-    """Moves a bad checkpoint out of the way of new saves."""
-    self._move_aside(step, '')
+      multihost_utils.sync_global_devices(f'gnet_checkpoint_set_aside_{step}')
     self.manager.reload()
     self._last_saved = self.manager.latest_step()
-
-  def _set_aside_interrupted_saves(self) -> None:
-    """On an object store Orbax writes a step in place and commits it last: a save killed
-    half way leaves a step folder without COMMIT_FILE, which a new save of that step
-    would write into. Such folders are moved aside before the manager starts (locally,
-    Orbax removes its own temporary folders)."""
-    for step, complete in _step_folders(self.directory):
-      if not complete:
-        logger.warning('The save of step %d in %s was interrupted (no %s).', step,
-                       self.directory, COMMIT_FILE)
-        self._move_aside(step, '.interrupted')
 
   # --- writing -----------------------------------------------------------------------
   def save(self, step: int, tree: dict, run: dict, train_window: list,

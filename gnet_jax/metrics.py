@@ -281,13 +281,14 @@ def log_to_workdir(workdir):
     root.handlers[:] = handlers
     root.setLevel(level)
     if local != target:
-      target.write_bytes(local.read_bytes())
+      paths.move(local, target)
+      local.parent.rmdir()
 
 
 @contextlib.contextmanager
 def native_stderr_to(log_file):
   """Appends what native code writes straight to file descriptor 2 during the block to
-  LOG_FILE (a local path): TensorFlow's C++ start-up notices, which ignore
+  `log_file` (a local path): TensorFlow's C++ start-up notices, which ignore
   TF_CPP_MIN_LOG_LEVEL before absl's logging starts, and its CUDA probing where CUDA
   libraries are installed. Meant for imports: a crash inside the block is told there only."""
   sys.stderr.flush()

@@ -3,10 +3,6 @@ trains, is killed, resumes exactly, and is loaded, predicted from and exported, 
 file a local workdir has. The dataset stays local: tfds reads through TensorFlow's own GCS
 filesystem, which cannot be pointed at an emulator (its endpoints are compiled in)."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -14,30 +10,14 @@ import pytest
 from etils import epath
 
 from gnet_jax import checkpoint, export, metrics, paths, predict
+from test_checkpoint import finish, kill9, overrides, start, wait_for
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start(data_dir, workdir):
-  args = [f'--workdir={workdir}', f'--config.data_dir={data_dir}', '--config.num_train_steps=8',
-          '--config.batch_size=16', '--config.log_every_steps=2', '--config.eval_every_steps=0',
-          '--config.checkpoint_every_steps=3', '--config.steps_per_execution=2']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-
-
-def finish(proc):
-  out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == 0, out[-4000:]
-  return out
-
-
-def records(workdir):
+def records(workdir):  # test_checkpoint's reads local files only
   return [{k: v for k, v in r.items() if k != 'images_per_sec'}
           for r in metrics.read_metrics(workdir)]
 
@@ -45,18 +25,13 @@ def records(workdir):
 def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digits_data_dir,
                                                                  tmp_path):
   remote, local = f'{gcs_bucket}/run', str(tmp_path / 'local')
-  reference = start(digits_data_dir, local)
+  reference = start(overrides(digits_data_dir, local))
   step3 = epath.Path(remote) / 'checkpoints' / '3'
 
   def kill_when(condition, what):
-    proc = start(digits_data_dir, remote)
-    deadline = time.time() + 600
-    while not condition():
-      assert proc.poll() is None, proc.communicate()[0][-4000:]
-      assert time.time() < deadline, f'{what} did not happen in 10 minutes'
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc = start(overrides(digits_data_dir, remote))
+    wait_for(condition, proc, what)
+    kill9(proc)
 
   # On gs:// a step is written in place and committed last (commit_success.txt): killed
   # half way, it must not be taken for a checkpoint...
@@ -65,7 +40,7 @@ def test_a_gs_workdir_trains_resumes_loads_predicts_and_exports(gcs_bucket, digi
   # ...and killed after it, the run resumes from it.
   kill_when(lambda: (step3 / 'commit_success.txt').exists() and 4 in [
       r['step'] for r in records(remote)], 'checkpoint 3 and step 4')
-  out = finish(start(digits_data_dir, remote))
+  out = finish(start(overrides(digits_data_dir, remote)))
   finish(reference)
   assert f'Resumed from checkpoint {remote}/checkpoints/' in out
   assert records(remote) == records(local)  # exactly the uninterrupted run's metrics

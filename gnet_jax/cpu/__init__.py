@@ -26,8 +26,9 @@ def model_blocks(choice: str, devices) -> dict:
     them to single-device programs.
   - CPU otherwise ('xla', or several devices): XLA's convolutions with the gathered
     max-pool gradient (`layers.GatherMaxPool`), a third of a train step faster there.
-  - GPU and TPU: the model's own blocks; XLA's max-pool gradient moves 42% fewer bytes on
-    TPU than the gathered one (BENCHMARKS.md, TPU compile report).
+  - GPU and TPU: the model's own blocks; by the compiler's estimate XLA's max-pool
+    gradient moves half the bytes of the gathered one on a TPU v5e (307 vs 632 MB per
+    image, BENCHMARKS.md, TPU compile report).
   """
   if choice not in CHOICES:
     raise ValueError(f'config.model.cpu_convolutions must be one of {CHOICES}, got '
