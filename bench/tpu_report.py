@@ -167,16 +167,19 @@ def model_flops(lowered) -> float:
 def variant_blocks(variant: str, config, devices):
   """Applies `variant`'s config changes ('+' combines) and returns train.build's `blocks`
   (None: its own choice). baseline: the project's choice (on TPU and GPU the model's own
-  blocks: XLA's max pool); gathered_pool: layers.GatherMaxPool (the CPU-tuned gathered
-  gradient); remat: config.model.remat; f32: float32 compute and input."""
+  blocks: XLA's max pool; uint8 input); gathered_pool: layers.GatherMaxPool (the CPU-tuned
+  gathered gradient); remat: config.model.remat; f32: float32 compute and input;
+  bf16_input: images normalised on the host and handed over as bfloat16."""
   from gnet_jax import layers  # pylint: disable=import-outside-toplevel
   from gnet_jax.train import experiment  # pylint: disable=import-outside-toplevel
   parts = set(variant.split('+'))
-  if parts - {'baseline', 'gathered_pool', 'remat', 'f32'}:
+  if parts - {'baseline', 'gathered_pool', 'remat', 'f32', 'bf16_input'}:
     raise ValueError(f'unknown variant in {variant!r}')
   config.model.remat = 'remat' in parts
   if 'f32' in parts:
     config.model.dtype = config.input_dtype = 'float32'
+  if 'bf16_input' in parts:
+    config.input_dtype = 'bfloat16'
   if 'gathered_pool' in parts:
     return {**experiment.model_blocks(config, devices), 'pool_block': layers.GatherMaxPool}
   return None
@@ -214,7 +217,8 @@ def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
   row = dict(topology=topology, chip=chip_of(topology).name, devices=len(devices),
              device_kind=devices[0].device_kind, hbm_available=hbm_of(topology),
              variant=variant, per_chip=per_chip, image_size=s, steps_per_execution=k,
-             dtype=config.model.dtype, remat=config.model.remat,
+             dtype=config.model.dtype, input_dtype=config.input_dtype,
+             remat=config.model.remat,
              pool_block=(blocks or {}).get('pool_block', exp.model.pool_block).__name__)
   for name, fn, args in (('train', exp.train_steps, train_args),
                          ('eval', exp.eval_step, eval_args)):
@@ -473,7 +477,7 @@ def main(argv=None) -> None:
                       '(v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1...) or GPUs (h100, h200)')
   parser.add_argument('--per_chip', default='32', help='batch sizes per device, comma-separated')
   parser.add_argument('--variant', default='baseline', help='comma-separated: baseline, '
-                      'gathered_pool, remat, f32 ("+" combines)')
+                      'gathered_pool, remat, f32, bf16_input ("+" combines)')
   parser.add_argument('--steps_per_execution', default='1', help='K, comma-separated')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--margin', type=float, default=0.1, help='HBM fraction kept free')

@@ -34,7 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Records in the seeded shuffle buffer of a tfds dataset read from disk (cache=False).
   config.shuffle_buffer = 16_384
   config.skip_corrupt_images = False  # Skip (and count) undecodable images instead of failing.
-  config.input_dtype = 'float32'  # dtype of the images handed to the device.
+  # What the host hands to the device: 'uint8' pixels, normalised by the jitted steps (a
+  # quarter of float32's bytes; for TPU and GPU), or images normalised on the host as
+  # 'float32' (CPU: the host is the device) or 'bfloat16'.
+  config.input_dtype = 'float32'
 
   # --- Model (gnet_jax/model.py, gnet_jax/spec.py) ---
   config.model = ml_collections.ConfigDict()

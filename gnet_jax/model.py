@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gnet_jax.images import MEAN_RGB, STDDEV_RGB
 from gnet_jax.layers import GlobalAvgPool, MaxPool, aux_pool
 
 ModuleDef = Callable[..., nn.Module]
@@ -61,11 +62,6 @@ VARIANTS = {
 
 # The smallest input side accepted: at 32x32 the last feature map is 1x1.
 MIN_IMAGE_SIZE = 32
-
-# torchvision's transform_input turns ImageNet-normalised input into the [-1, 1] range
-# that its ported TensorFlow weights expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # He initialisation keeps activations alive also without BatchNorm (use_bn=False).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
@@ -239,7 +235,8 @@ class GoogLeNet(nn.Module):
                      conv_block=self.conv_block, name=name, **common)
 
     if self.transform_input:
-      mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+      # ImageNet-normalised input -> the [-1, 1] range of torchvision's ported TF weights.
+      mean, std = np.array(MEAN_RGB), np.array(STDDEV_RGB)
       x = x * (std / 0.5) + (mean - 0.5) / 0.5
     x = x.astype(self.dtype)
 

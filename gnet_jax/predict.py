@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from gnet_jax import cpu, paths
+from gnet_jax.images import normalize
 from gnet_jax.spec import ModelSpec
 
 
@@ -43,13 +44,14 @@ class Predictor:
   def _probabilities(self):
     # One program on this process's first device: cpu.model_blocks picks its blocks.
     model = self.spec.build(**cpu.model_blocks('auto', jax.local_devices()[:1]))
-    return jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)))
+    return jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, normalize(x), train=False)))
 
   def class_name(self, index: int) -> str:
     return self.spec.class_names[index] if self.spec.class_names else str(index)
 
   def top_k(self, images: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
-    """(name, probability) of the k most likely classes of each preprocessed image."""
+    """(name, probability) of the k most likely classes of each preprocessed image
+    (uint8 pixels or normalised floats, `gnet_jax.images`)."""
     probs = np.asarray(self._probabilities(self.variables, images))
     best = np.argsort(-probs, axis=-1)[:, :k]
     return [[(self.class_name(j), float(p[j])) for j in row] for p, row in zip(probs, best)]

@@ -89,6 +89,28 @@ def test_accelerator_script_runs_on_cpu(tmp_path):
   assert (tmp_path / 'accelerator.md').read_text().startswith('- Card: ')
 
 
+@pytest.mark.slow
+def test_input_pipeline_benchmark_tables(tmp_path):
+  """bench/input_pipeline.py on a few files: every pipeline timed against the references,
+  the ablations, a resized copy, and the vCPUs-per-chip table from the results in git."""
+  out = run_script('bench/input_pipeline.py', '--num_files', '16', '--batch_size', '8',
+                   '--image_size', '64', '--batches', '2', '--warmup', '1', '--rounds', '1',
+                   '--max_sides', '128', '--ablate', '--out', str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    result = json.load(f)
+  names = [r['name'] for r in result['rows']]
+  assert names[0] == 'one-thread full decode (tf.io.decode_jpeg)'
+  assert {'plain train pipeline, uint8', 'plain eval pipeline, uint8', 'gnet_jax train, uint8',
+          'gnet_jax eval, uint8', 'gnet_jax train, uint8, copy at max side 128'} <= set(names)
+  assert all(r['images_per_s'] > 0 for r in result['rows'])
+  assert len(result['ablations']) == 7 and all(a['ratio'] > 0 for a in result['ablations'])
+  assert {v['chip'] for v in result['vcpus']} >= {'TPU v5e', 'TPU v5p'}
+  assert all(v['needed'] > 0 and v['have'] > 0 for v in result['vcpus'])
+  table = (tmp_path / 'results.md').read_text()
+  assert '| gnet_jax train, uint8 |' in table and 'vCPUs needed per chip' in table
+  assert table in out
+
+
 CONV_HLO = '''
 import os, sys, jax, jax.numpy as jnp
 from gnet_jax import cpu

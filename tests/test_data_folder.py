@@ -209,6 +209,40 @@ def test_image_formats_become_rgb(tmp_path, augment):
     assert np.isfinite(next(train)['image']).all()
 
 
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_large_shrinks_do_not_alias(tmp_path, fmt):
+  """1-px stripes under a 12x shrink average to grey: a JPEG through the reduced DCT scale
+  of the fast path, another format through the general path's antialiased resize."""
+  stripes = np.zeros((900, 1200, 3), np.uint8)  # DCT scale 1/8 at 64 px
+  stripes[:, ::2] = 255
+  ext = 'jpg' if fmt == 'JPEG' else 'png'
+  for split in ('train', 'validation'):
+    path = tmp_path / split / 'a' / f'stripes.{ext}'
+    path.parent.mkdir(parents=True)
+    Image.fromarray(stripes).save(path, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+  config = make_config(tmp_path, image_size=64, batch_size=1, input_dtype='uint8')
+  image = next(ip.create_eval_iterator(config, process_index=0, process_count=1))['image']
+  assert abs(image.mean() - 127.5) < 8 and image.std() < 8, (image.mean(), image.std())
+  train = next(ip.create_train_iterator(config, process_index=0, process_count=1))['image']
+  assert train.std() < 12, train.std()
+
+
+def test_complete_jpeg_with_trailing_bytes_is_read(tmp_path):
+  """A JPEG that does not end with its end marker (bytes appended) is not truncated: the
+  general path reads it, and it decodes as the file without them (which the fast path
+  decodes inside the window only: the window's edge pixels differ a little)."""
+  for split in ('train', 'validation'):
+    for name, tail in (('plain.jpg', b''), ('padded.jpg', b'\0' * 300)):
+      path = tmp_path / split / 'a' / name
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(photo_jpeg(3) + tail)
+  config = make_config(tmp_path, image_size=224, batch_size=2, input_dtype='uint8')
+  batch = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  assert batch['mask'].all()
+  difference = np.abs(batch['image'][0].astype(int) - batch['image'][1])
+  assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4
+
+
 # --- broken folders: clear errors at start-up ------------------------------------
 
 

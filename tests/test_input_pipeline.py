@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 
 from configs import default as default_config
-from gnet_jax.data import digits
 from gnet_jax import data as ip
+from gnet_jax import images as images_lib
+from gnet_jax.data import digits
 
 LOW = min((0 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
 HIGH = max((1 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
@@ -119,6 +120,20 @@ def test_bfloat16_output(digits_dir):
   assert batch['label'].dtype == np.int32
   evaluation = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
   assert evaluation['image'].dtype == jnp.bfloat16
+
+
+def test_uint8_output_is_the_float_output_rounded(digits_dir):
+  """config.input_dtype='uint8': the same preprocessing, its pixels rounded, normalised
+  later on the device."""
+  for train in (True, False):
+    create = ip.create_train_iterator if train else ip.create_eval_iterator
+    pixels, floats = (next(iter(create(make_config(digits_dir, input_dtype=dtype),
+                                       process_index=0, process_count=1)))
+                      for dtype in ('uint8', 'float32'))
+    assert pixels['image'].dtype == np.uint8 and pixels['image'].shape == (32, 32, 32, 3)
+    np.testing.assert_array_equal(pixels['label'], floats['label'])
+    np.testing.assert_allclose(images_lib.normalize(pixels['image']), floats['image'],
+                               atol=0.5 / 255 / min(ip.STDDEV_RGB) + 1e-5)
 
 
 def test_eval_batch_shapes_and_values(digits_dir):

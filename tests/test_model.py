@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn, layers
+from gnet_jax import images as images_lib
 from gnet_jax import model as model_lib
 from gnet_jax import summary
 from gnet_jax.cpu import ops
@@ -295,7 +296,7 @@ def test_transform_input():
   images = jnp.zeros((1, 32, 32, 3))
   options = dict(variant='torchvision', num_classes=10)
   variables = init(jax.random.key(0), images, **options)
-  mean = np.array(model_lib.IMAGENET_MEAN)
+  mean = np.array(images_lib.MEAN_RGB)
   # Normalised zero is the channel mean, which the transform maps to (mean - 0.5) / 0.5.
   np.testing.assert_allclose(apply(variables, images, transform_input=True, **options),
                              apply(variables, images + (mean - 0.5) / 0.5, **options),

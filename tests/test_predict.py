@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gnet_jax import ModelSpec, convert, data, init_fn, predict
+from gnet_jax import ModelSpec, convert, data, images as images_lib, init_fn, predict
 
 OPTIONS = dict(variant='torchvision', aux_logits=False, transform_input=True)
 
@@ -68,6 +68,24 @@ def test_preprocessing_is_the_eval_pipelines(image_files):
   grey = io.BytesIO()
   Image.new('RGB', (50, 40), (124, 116, 104)).save(grey, 'PNG')
   np.testing.assert_allclose(data.preprocess_image(grey.getvalue(), 32), 0, atol=0.01)
+
+
+def test_uint8_pixels_predict_as_their_normalised_floats(weights_dir, image_files):
+  paths, _ = image_files
+  with open(paths[0], 'rb') as f:
+    raw = f.read()
+  pixels = data.preprocess_image(raw, 64, dtype='uint8')
+  assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+  # The float path normalises the same resize unrounded: within half a level.
+  np.testing.assert_allclose(images_lib.normalize(pixels), data.preprocess_image(raw, 64),
+                             atol=0.5 / 255 / min(images_lib.STDDEV_RGB) + 1e-6)
+  predictor = predict.Predictor.from_checkpoint(str(weights_dir))
+  (from_pixels,), (from_floats,) = (
+      predictor.top_k(pixels[None]),
+      predictor.top_k(np.asarray(images_lib.normalize(pixels))[None]))
+  assert [n for n, _ in from_pixels] == [n for n, _ in from_floats]
+  np.testing.assert_allclose([p for _, p in from_pixels], [p for _, p in from_floats],
+                             rtol=1e-5)
 
 
 def test_unreadable_file_is_named_and_fails_the_command(weights_dir, image_files, capsys):

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from gnet_jax import metrics, train
+from gnet_jax import ModelSpec, images, metrics, train
 from gnet_jax.train import state as state_lib
 from gnet_jax.train import steps as steps_lib
 
@@ -214,6 +214,27 @@ def test_tensorflow_warnings_go_to_the_log_only(tmp_path, capsys):
   assert 'person training' in console and 'could not be decoded' in console
   log = log_file.read_text()
   assert all(m in log for m in ('CounterV2', 'person training', 'could not be decoded'))
+
+
+@pytest.mark.slow  # four compiles of the network
+def test_uint8_images_train_and_evaluate_as_their_normalised_floats():
+  """config.input_dtype='uint8': the steps normalise on the device; the same pixels handed
+  over normalised as float32 give the same step to float tolerance."""
+  config = quickstart.get_config()
+  config.num_train_steps = 10
+  exp = train.build(config, ModelSpec.from_config(config, num_classes=10), 1000)
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (1, 16, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (1, 16)).astype(np.int32)
+  results = []
+  for image in (pixels, np.asarray(images.normalize(pixels))):
+    state, history = exp.train_steps(exp.init(), {'image': image, 'label': labels},
+                                     np.int32(1))
+    sums = exp.eval_step({'params': state.params, 'batch_stats': state.batch_stats},
+                         {'image': image[0], 'label': labels[0], 'mask': np.ones(16, bool)})
+    results.append(jax.device_get((state.params, state.batch_stats, history, sums)))
+  assert results[0][2]['loss'].dtype == np.float32
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
 
 
 def test_weight_decay_skips_batchnorm_and_biases():

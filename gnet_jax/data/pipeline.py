@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from gnet_jax.data.folder import FolderSource
-from gnet_jax.data.preprocess import AUGMENTS, INPUT_DTYPES, preprocess_fn, why_undecodable
+from gnet_jax.data.preprocess import AUGMENTS, INPUT_DTYPES, preprocess_fns, why_undecodable
 from gnet_jax.data.sources import DatasetInfo, Source, build_source, check_batch_size, dataset_info
 
 logger = logging.getLogger(__name__)
@@ -140,21 +140,30 @@ def _decoded_batches(records: tf.data.Dataset, s: _Setup, *, train: bool,
                      aug_key: int) -> tf.data.Dataset:
   """Windows of local_batch raw records -> decoded batches, window k -> batch k.
 
-  Each window is decoded in parallel; images that fail to decode are dropped by
-  `ignore_errors` inside their own window, and `_fill` then restores the batch
-  shape, so a bad file can never shift the batches that follow it.
+  Each window is decoded in parallel by the first of `preprocess_fns`; the records it
+  fails on are tried, again in parallel, by the next (the fast path's few leftovers go
+  to the general one). Images that none can decode are dropped by `ignore_errors` inside
+  their own window, and `_fill` then restores the batch shape, so a bad file can never
+  shift the batches that follow it.
   """
   b, size = s.local_batch, s.size
-  preprocess = preprocess_fn(train=train, augment=s.augment, size=size,
-                              flip=s.info.random_flip, dtype=s.dtype, aug_key=aug_key)
-  sentinel = {'image': tf.zeros([size, size, 3], s.dtype), 'label': tf.constant(-1, tf.int64),
-              'pos': tf.constant(-1, tf.int64), 'key': tf.constant('')}
+  attempts = preprocess_fns(train=train, augment=s.augment, size=size,
+                            flip=s.info.random_flip, dtype=s.dtype, aug_key=aug_key)
+  sentinel = tf.data.Dataset.from_tensors(
+      {'image': tf.zeros([size, size, 3], s.dtype), 'label': tf.constant(-1, tf.int64),
+       'pos': tf.constant(-1, tf.int64), 'key': tf.constant('')})
+
+  def decoded(rows, fn) -> tf.data.Dataset:
+    """One element: the rows `fn` decodes, in order, then the sentinel (so that a window
+    of only bad images still yields an element)."""
+    good = tf.data.Dataset.from_tensor_slices(rows).map(
+        fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    return good.concatenate(sentinel).batch(b + 1)
 
   def decode_window(window):
-    good = tf.data.Dataset.from_tensor_slices(window).map(
-        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    # The sentinel makes a window of only bad images still yield one element.
-    got = good.concatenate(tf.data.Dataset.from_tensors(sentinel)).batch(b + 1)
+    got = decoded(window, attempts[0])
+    for fn in attempts[1:]:
+      got = got.map(functools.partial(_retry, window=window, decoded=decoded, fn=fn))
     meta = tf.data.Dataset.from_tensors({'pos': window['pos'], 'key': window['key']})
     return tf.data.Dataset.zip((got, meta))
 
@@ -162,6 +171,22 @@ def _decoded_batches(records: tf.data.Dataset, s: _Setup, *, train: bool,
   ds = windows.interleave(decode_window, cycle_length=WINDOWS_IN_FLIGHT, block_length=1,
                           num_parallel_calls=WINDOWS_IN_FLIGHT, deterministic=True)
   return ds.map(functools.partial(_fill, b=b, train=train))
+
+
+def _retry(got, *, window, decoded, fn):
+  """`got` (decoded rows + sentinel) with the window's rows it lacks decoded by `fn`,
+  all rows in the window's order; `got` itself, uncopied, when it lacks none."""
+  todo = tf.logical_not(tf.reduce_any(
+      tf.equal(window['pos'][:, None], got['pos'][:-1][None, :]), axis=1))
+
+  def more():
+    extra = decoded({k: tf.boolean_mask(v, todo) for k, v in window.items()},
+                    fn).get_single_element()
+    rows = {k: tf.concat([got[k][:-1], extra[k][:-1]], 0) for k in got}
+    order = tf.argsort(rows['pos'])  # positions grow along a window
+    return {k: tf.concat([tf.gather(rows[k], order), extra[k][-1:]], 0) for k in got}
+
+  return tf.cond(tf.reduce_any(todo), more, lambda: got)
 
 
 def _fill(got, meta, *, b: int, train: bool):
@@ -173,16 +198,20 @@ def _fill(got, meta, *, b: int, train: bool):
   if train:
     # Refill the slots of bad images with the good images of the same window.
     idx = tf.range(b) % tf.maximum(n_good, 1)
-    return {'image': tf.gather(got['image'], idx),
-            'label': tf.cast(tf.gather(got['label'], idx), tf.int32),
-            '_key': tf.gather(got['key'], idx), '_bad': bad, '_n_good': n_good}
-  # Eval: good rows first, then padding (the last window, bad images) masked out.
-  idx = tf.minimum(tf.range(b), n_good)  # Index n_good is the sentinel: zeros.
+  else:
+    # Eval: good rows first, then padding (the last window, bad images) masked out; index
+    # n_good is the sentinel, zeros.
+    idx = tf.minimum(tf.range(b), n_good)
+  # A window without bad images (nearly every one) keeps its rows as they are, uncopied.
+  image = tf.cond(n_good == b, lambda: got['image'][:b],
+                  lambda: tf.gather(got['image'], idx))
+  batch = {'image': image, '_key': tf.gather(got['key'], idx), '_bad': bad,
+           '_n_good': n_good}
+  if train:
+    return {**batch, 'label': tf.cast(tf.gather(got['label'], idx), tf.int32)}
   mask = tf.range(b) < n_good
   label = tf.where(mask, tf.gather(got['label'], idx), tf.zeros([b], tf.int64))
-  return {'image': tf.gather(got['image'], idx), 'label': tf.cast(label, tf.int32),
-          'mask': mask, '_key': tf.gather(got['key'], idx), '_bad': bad,
-          '_n_good': n_good}
+  return {**batch, 'label': tf.cast(label, tf.int32), 'mask': mask}
 
 
 def _train_records(s: _Setup, split: str, seed: int, start_pos: int,

@@ -1,17 +1,28 @@
 """Preprocessing of one example, as TF graph code (`config.augment`).
 
-'inception': train = random-resized crop (area 8-100%, aspect 3/4-4/3; JPEGs are only
-  decoded inside the crop window), flip, bilinear resize to S; eval = centre crop of
-  0.875 of the shorter side, resized to S.
+'inception': train = random-resized crop (area 8-100%, aspect 3/4-4/3) and flip; eval =
+  centre crop of 0.875 of the shorter side; both resized to S.
 'small': train = resize to S, zero-pad S/8 each side, random S x S crop, flip;
   eval = resize to S. For digits, MNIST, CIFAR.
 Grayscale, grayscale+alpha, palette, RGBA (alpha dropped), CMYK and 16-bit images all
-become RGB uint8 first; images smaller than the crop are upscaled. Images are then
-normalised with the ImageNet mean/std.
+become RGB uint8 first; images smaller than the crop are upscaled. The result is handed
+over as uint8 pixels (normalised on the device, `gnet_jax.images`) or normalised with
+the ImageNet mean/std on the host (`INPUT_DTYPES`).
 
-A JPEG is checked to be complete (its end-of-image marker follows its last scan) before
-any window of it is decoded: decoding only a window stops reading where the window ends,
-so a file cut below the window would otherwise decode without an error.
+Decoding is most of the host's work, so `preprocess_fns` gives two functions for
+'inception': a fast one for what nearly every photo is, a JPEG that ends with its
+end-of-image marker, and a general one for everything else, which the pipeline tries
+when the fast one fails. The fast one branches on nothing but the DCT scale: it decodes
+only inside the crop window and, where the window is at least twice the output on both
+sides, at a reduced DCT scale (1/2, 1/4 or 1/8: libjpeg's own downscale, which also
+removes the frequencies the smaller image cannot hold), then resizes bilinearly, which
+is free of aliasing below a 2x shrink and mild below 3x (the fast path's limit; beyond
+it the general path antialiases).
+
+A truncated JPEG is caught whatever window is drawn: decoding a window stops reading
+where the window ends, so the fast path takes only files whose last two bytes are the
+end-of-image marker (which cannot occur in the coded data before it), and the general
+path checks that such a marker follows the last scan.
 """
 from __future__ import annotations
 
@@ -20,11 +31,15 @@ import os
 import numpy as np
 import tensorflow as tf
 
-MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet mean of [0, 1] pixels (torchvision's).
-STDDEV_RGB = (0.229, 0.224, 0.225)
+from gnet_jax.images import MEAN_RGB, STDDEV_RGB
+
 EVAL_CROP_FRACTION = 0.875  # Eval centre crop: 224 of 256.
 AUGMENTS = ('inception', 'small')
-INPUT_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
+INPUT_DTYPES = {'uint8': tf.uint8, 'float32': tf.float32, 'bfloat16': tf.bfloat16}
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg's power-of-two scaled decodes
+# Bilinear interpolation reads 2 of every `shrink` rows and columns: at 3x and beyond it
+# skips a third or more of the pixels, and is antialiased (the general path).
+MAX_BILINEAR_SHRINK = 3
 TRUNCATED_JPEG = 'truncated JPEG: no end-of-image marker after its last scan'
 
 
@@ -41,17 +56,24 @@ def jpeg_is_complete(raw: tf.Tensor) -> tf.Tensor:
       tf.reduce_max(tf.concat([eoi, [-1]], 0)) > tf.reduce_max(tf.concat([sos, [-1]], 0)))
 
 
-def _check_complete(raw: tf.Tensor) -> tf.Tensor:
-  """`raw`, after an error if it is a truncated JPEG (the error drops the example)."""
-  ok = tf.logical_or(tf.logical_not(tf.io.is_jpeg(raw)), jpeg_is_complete(raw))
-  with tf.control_dependencies([tf.debugging.Assert(ok, [TRUNCATED_JPEG])]):
-    return tf.identity(raw)
+def _ends_with_eoi(raw: tf.Tensor) -> tf.Tensor:
+  return tf.equal(tf.strings.substr(raw, tf.maximum(tf.strings.length(raw) - 2, 0), 2),
+                  b'\xff\xd9')
+
+
+def _asserting(value: tf.Tensor, ok: tf.Tensor, message: str) -> tf.Tensor:
+  """`value`, after an error (which drops the example) where `ok` is False."""
+  with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+    return tf.identity(value)
 
 
 def decode_rgb(raw: tf.Tensor) -> tf.Tensor:
-  """Any JPEG/PNG/GIF/BMP/WebP (gray, gray+alpha, palette, RGBA, CMYK, 16-bit) -> RGB uint8."""
-  image = tf.io.decode_image(_check_complete(raw), channels=3, dtype=tf.uint8,
-                             expand_animations=False)
+  """Any JPEG/PNG/GIF/BMP/WebP (gray, gray+alpha, palette, RGBA, CMYK, 16-bit) -> RGB uint8;
+  a truncated JPEG is an error."""
+  complete = tf.cond(tf.io.is_jpeg(raw) & tf.logical_not(_ends_with_eoi(raw)),
+                     lambda: jpeg_is_complete(raw), lambda: tf.constant(True))
+  image = tf.io.decode_image(_asserting(raw, complete, TRUNCATED_JPEG), channels=3,
+                             dtype=tf.uint8, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
 
@@ -75,77 +97,114 @@ def centre_crop_window(shape_hw: tf.Tensor) -> tf.Tensor:
   return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
 
 
-def decode_window(raw: tf.Tensor, window_fn) -> tf.Tensor:
-  """Decodes the window `window_fn(shape_hw)` of an image; JPEGs decode only the window."""
+def dct_scale(window_hw: tf.Tensor, size: int) -> tf.Tensor:
+  """The index in DCT_SCALES of the largest scale 1/r that keeps both sides of the
+  window at least `size`."""
+  fits = [tf.reduce_min(window_hw) >= r * size for r in DCT_SCALES[1:]]
+  return tf.reduce_sum(tf.cast(tf.stack(fits), tf.int32))
 
-  def jpeg():
-    checked = _check_complete(raw)
-    window = window_fn(tf.image.extract_jpeg_shape(checked)[:2])
-    return tf.image.decode_and_crop_jpeg(checked, window, channels=3)
 
-  def other():
-    image = decode_rgb(raw)
-    window = window_fn(tf.shape(image)[:2])
-    return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
+def decode_jpeg_window(raw: tf.Tensor, window_fn, size: int) -> tf.Tensor:
+  """The fast path: the window `window_fn(shape_hw)` of a JPEG that ends with its
+  end-of-image marker, decoded at the coarsest DCT scale that keeps it at least `size`
+  on both sides (the window snaps to that scale's pixel grid). An error for anything
+  else (another format, trailing bytes, a corrupt file, a shrink past
+  MAX_BILINEAR_SHRINK), which the general path then takes."""
+  raw = _asserting(raw, _ends_with_eoi(raw), 'not a JPEG ending with its end marker')
+  window = window_fn(tf.image.extract_jpeg_shape(raw)[:2])
 
-  image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
+  def scaled(r):  # `ratio` is an attribute of the op: one op per scale
+    return lambda: tf.image.decode_and_crop_jpeg(raw, window // r, channels=3, ratio=r)
+
+  image = tf.switch_case(dct_scale(window[2:], size), [scaled(r) for r in DCT_SCALES])
   image.set_shape([None, None, 3])
-  return image
+  return _asserting(image, tf.reduce_max(tf.shape(image)[:2]) < MAX_BILINEAR_SHRINK * size,
+                    'needs an antialiased resize')
 
 
-def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear, antialiased when shrinking; upscales small images. float32 in [0, 255]."""
-  return tf.image.resize(image, [size, size], method='bilinear', antialias=True)
+def decode_any_window(raw: tf.Tensor, window_fn) -> tf.Tensor:
+  """The general path: the whole image decoded (`decode_rgb`), then its window cut."""
+  image = decode_rgb(raw)
+  window = window_fn(tf.shape(image)[:2])
+  return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
 
 
-def _normalise(image: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+def bilinear(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 image -> float32 [0, 255] at size x size, bilinear without antialiasing."""
+  # TF's float resize kernel is faster than its uint8 one, the cast included.
+  return tf.image.resize(tf.cast(image, tf.float32), [size, size])
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """`bilinear`, antialiased where a side shrinks by MAX_BILINEAR_SHRINK or more."""
+  shrink = tf.cast(tf.reduce_max(tf.shape(image)[:2]), tf.float32) / size
+  return tf.cond(
+      shrink >= MAX_BILINEAR_SHRINK,
+      lambda: tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True),
+      lambda: bilinear(image, size))
+
+
+def to_input_dtype(image: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+  """float32 [0, 255] pixels -> uint8 pixels, or normalised images of a float dtype."""
+  if dtype == tf.uint8:
+    # Every pixel the resizes produce is a convex combination of uint8 ones: no clipping.
+    return tf.cast(tf.round(image), tf.uint8)
   mean = tf.constant(MEAN_RGB, tf.float32) * 255.0
   std = tf.constant(STDDEV_RGB, tf.float32) * 255.0
-  return tf.cast((tf.cast(image, tf.float32) - mean) / std, dtype)
+  return tf.cast((image - mean) / std, dtype)
 
 
-def preprocess_fn(*, train: bool, augment: str, size: int, flip: bool, dtype: tf.DType,
-                  aug_key: int):
-  """Returns record -> {'image', 'label', 'pos', 'key'}; random ops seeded by 'pos'."""
+def preprocess_fns(*, train: bool, augment: str, size: int, flip: bool, dtype: tf.DType,
+                   aug_key: int) -> list:
+  """The functions record -> {'image', 'label', 'pos', 'key'} to try in order: a record
+  the first fails on goes to the next (the last one's error means it is unreadable).
+  Each computes the same preprocessing, up to how a large shrink is filtered and, at a
+  window's edges, how the fast path's window decode interpolates colour; random ops are
+  seeded by the record's 'pos'."""
 
-  def fn(ex):
-    raw = ex['raw'] if 'raw' in ex else tf.io.read_file(ex['path'])
-    seed = tf.stack([tf.constant(aug_key, tf.int64), ex['pos']])
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    if augment == 'inception':
-      if train:
-        image = decode_window(raw, lambda hw: inception_crop_window(hw, crop_seed))
-      else:
-        image = decode_window(raw, centre_crop_window)
-      image = _resize(image, size)
-    else:  # 'small'
-      image = _resize(decode_rgb(raw), size)
-      if train:
+  def fn(decode):
+    def preprocess(ex):
+      raw = ex['raw'] if 'raw' in ex else tf.io.read_file(ex['path'])
+      # Independent streams for the crop and the flip: their Philox keys differ.
+      crop_seed = tf.stack([tf.constant(aug_key, tf.int64), ex['pos']])
+      flip_seed = tf.stack([tf.constant(aug_key + 1, tf.int64), ex['pos']])
+      image = decode(raw, crop_seed)
+      if augment == 'small' and train:
         pad = max(1, round(size / 8))
         image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
         image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
-    if train and flip:
-      image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    image = tf.ensure_shape(_normalise(image, dtype), [size, size, 3])
-    return {'image': image, 'label': ex['label'], 'pos': ex['pos'], 'key': ex['key']}
+      image = to_input_dtype(image, dtype)  # before the flip: uint8 is the fewest bytes
+      if train and flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+      image = tf.ensure_shape(image, [size, size, 3])
+      return {'image': image, 'label': ex['label'], 'pos': ex['pos'], 'key': ex['key']}
+    return preprocess
 
-  return fn
+  if augment == 'small':
+    return [fn(lambda raw, seed: resize(decode_rgb(raw), size))]
+  window = (lambda seed: lambda hw: inception_crop_window(hw, seed)) if train else (
+      lambda seed: centre_crop_window)
+  return [fn(lambda raw, seed: bilinear(decode_jpeg_window(raw, window(seed), size), size)),
+          fn(lambda raw, seed: resize(decode_any_window(raw, window(seed)), size))]
 
 
-def preprocess_image(raw: bytes, image_size: int, augment: str = 'inception') -> np.ndarray:
-  """One encoded image -> (S, S, 3) float32, exactly as the eval pipeline makes it.
+def preprocess_image(raw: bytes, image_size: int, augment: str = 'inception',
+                     dtype: str = 'float32') -> np.ndarray:
+  """One encoded image -> (S, S, 3) of `dtype` (INPUT_DTYPES), exactly as the eval
+  pipeline makes it.
 
   For prediction outside a dataset; raises ValueError if the bytes are not a complete,
   readable image.
   """
-  fn = preprocess_fn(train=False, augment=augment, size=image_size, flip=False,
-                     dtype=tf.float32, aug_key=0)
   record = {'raw': tf.constant(raw), 'label': tf.constant(0, tf.int64),
             'pos': tf.constant(0, tf.int64), 'key': tf.constant('')}
-  try:
-    return fn(record)['image'].numpy()
-  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    raise ValueError(f'not a readable image ({_message(e)})') from e
+  for fn in preprocess_fns(train=False, augment=augment, size=image_size, flip=False,
+                           dtype=INPUT_DTYPES[dtype], aug_key=0):
+    try:
+      return fn(record)['image'].numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+      error = e
+  raise ValueError(f'not a readable image ({_message(error)})') from error
 
 
 def _message(error: tf.errors.OpError) -> str:

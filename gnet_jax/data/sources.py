@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -39,6 +40,16 @@ MANUAL_FILES = {
     'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'),
 }
 PREPARE_COMMAND = 'python -m gnet_jax.data prepare'
+_COPY_SUFFIX = re.compile(r'_max\d+$')  # copies with smaller images (gnet_jax.data.resized)
+
+
+def copy_suffix(max_side: int) -> str:
+  return f'_max{max_side}'
+
+
+def original_name(name: str) -> str:
+  """The dataset a resized copy was made from ('mnist' for 'mnist_max256'), else `name`."""
+  return _COPY_SUFFIX.sub('', name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +151,7 @@ class TfdsSource(Source):
     self._image_key, self._label_key = image_and_label_keys(self.name, info.features,
                                                             info.supervised_keys)
     self.class_names = list(info.features[self._label_key].names)
-    self.default_flip = self.name not in NO_FLIP_DATASETS
+    self.default_flip = original_name(self.name) not in NO_FLIP_DATASETS
     self._image_keys = [k for k, f in info.features.items()
                         if isinstance(f, tfds.features.Image)]
     self._has_file_name = 'file_name' in info.features

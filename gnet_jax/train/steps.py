@@ -1,6 +1,8 @@
 """The train and eval steps: pure functions of (state, batch), jitted by `experiment`.
 
-The loss is label-smoothed cross-entropy on the logits plus 0.3 times each auxiliary
+Images come as uint8 pixels or normalised floats (`config.input_dtype`); uint8 ones are
+normalised as the step's first operation (`gnet_jax.images.normalize`), which XLA fuses
+with the model's cast to its dtype into one pass on the device. The loss is label-smoothed cross-entropy on the logits plus 0.3 times each auxiliary
 head's (the paper's weight). Dropout in step k uses fold_in(state.rng, k), so a resumed
 run draws exactly what an uninterrupted one would.
 """
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gnet_jax.images import normalize
 from gnet_jax.model import GoogLeNet, GoogLeNetOutputs
 from gnet_jax.train.state import LossScale, TrainState
 
@@ -41,11 +44,12 @@ def train_step(state: TrainState, batch, *, model: GoogLeNet, learning_rate_fn,
   the next step takes the next batch; metrics['skipped'] is then 1.
   """
   dropout_key = jax.random.fold_in(state.rng, state.step)
+  images = normalize(batch['image'])
   scale = None if state.loss_scale is None else state.loss_scale['scale']
 
   def loss_fn(params):
     outputs, new_state = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         rngs={'dropout': dropout_key}, mutable=['batch_stats'])
     ce = functools.partial(cross_entropy, labels=batch['label'],
                            num_classes=model.num_classes, label_smoothing=label_smoothing)
@@ -116,7 +120,7 @@ def train_steps(state: TrainState, batches, num_steps, *, step_fn):
 def eval_step(variables, batch, *, model: GoogLeNet):
   """Sums over the unmasked examples of a (padded) eval batch, for `variables`
   ({'params', 'batch_stats'}: the state's, or its EMA)."""
-  logits = model.apply(variables, batch['image'], train=False)
+  logits = model.apply(variables, normalize(batch['image']), train=False)
   mask = batch['mask'].astype(jnp.float32)
   loss = cross_entropy(logits, batch['label'], model.num_classes)
   return {
