@@ -81,7 +81,7 @@ def ensure_isolated(argv: list[str]) -> None:
 class Chip:
   name: str
   hbm_bytes: int
-  peak_bf16_flops: float  # dense, per device
+  peak_flops: float  # dense bf16 (float16 where a GPU has no bf16), per device
   hbm_bytes_per_s: float
   source: str
 
@@ -101,38 +101,67 @@ CHIPS = {
 }
 # One GPU, compiled by the CUDA plug-in (jax-cuda12-pjrt; no GPU or CUDA library needed)
 # for XLA's description of it: the fields of xla/backends/gpu/target_config/specs/
-# h100_sxm.txtpb and h200.txtpb that the compiler reads. Dense bf16 (half the "1,979
-# teraFLOPS" with sparsity), memory and bandwidth: NVIDIA's H100 datasheet (80 GB, 3.35
-# TB/s) and H200 product page (141 GB, 4.8 TB/s, the H100's compute).
+# (a100_sxm_40, v100, h100_sxm, h200).txtpb that the compiler reads. Peak FLOP/s are dense
+# bf16 (float16 on the V100, which has no bf16 units), with memory and bandwidth from
+# NVIDIA's datasheets: A100 "312 TFLOPS" (40 GB, 1,555 GB/s), V100 "125 TFLOPS" (16 GB,
+# 900 GB/s), H100 half the "1,979 teraFLOPS" with sparsity (80 GB, 3.35 TB/s), H200 the
+# H100's compute (141 GB, 4.8 TB/s).
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  chip: Chip
+  name: str  # device_description_str
+  compute_capability: tuple[int, int]
+  core_count: int
+  fpus_per_core: int
+  shared_memory_per_core: int
+  shared_memory_per_block_optin: int
+  l2_cache_size: int
+  clock_rate_ghz: float
+  memory: int
+  bandwidth: int
+
+
+_HOPPER = dict(compute_capability=(9, 0), core_count=132, fpus_per_core=128,
+               shared_memory_per_core=233472, shared_memory_per_block_optin=232448,
+               l2_cache_size=52428800, clock_rate_ghz=1.98)
 GPUS = {
-    'h100': (Chip('NVIDIA H100 SXM', 80 * _GB, 989e12, 3350 * _GB, 'nvidia.com H100 datasheet'),
-             84942979072, 3352320000000, 'H100 80GB HBM3'),
-    'h200': (Chip('NVIDIA H200 SXM', 141 * _GB, 989e12, 4800 * _GB, 'nvidia.com H200 page'),
-             151397597184, 4800000000000, 'H200 141GB HBM3e'),
+    'a100': Gpu(Chip('NVIDIA A100 SXM 40GB', 40 * _GB, 312e12, 1555 * _GB,
+                     'nvidia.com A100 datasheet'), 'NVIDIA A100-SXM4-40GB', (8, 0), 108, 64,
+                167936, 166912, 41943040, 1.41, 42331013120, 1555200000000),
+    'v100': Gpu(Chip('NVIDIA V100 SXM2 16GB', 16 * _GB, 125e12, 900 * _GB,
+                     'nvidia.com V100 datasheet'), 'Tesla V100-SXM2-16GB', (7, 0), 80, 64,
+                98304, 98304, 6291456, 1.53, 16935682048, 898048000000),
+    'h100': Gpu(Chip('NVIDIA H100 SXM', 80 * _GB, 989e12, 3350 * _GB,
+                     'nvidia.com H100 datasheet'), 'NVIDIA H100 80GB HBM3',
+                memory=84942979072, bandwidth=3352320000000, **_HOPPER),
+    'h200': Gpu(Chip('NVIDIA H200 SXM', 141 * _GB, 989e12, 4800 * _GB, 'nvidia.com H200 page'),
+                'NVIDIA H200 141GB HBM3e', memory=151397597184, bandwidth=4800000000000,
+                **_HOPPER),
 }
 _GPU_CONFIG = """gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
-  shared_memory_per_block: 49152 shared_memory_per_core: 233472 threads_per_core_limit: 2048
-  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
-  block_dim_limit_z: 65535 memory_bandwidth: {bw} l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: {memory} shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
-  registers_per_block_limit: 65536 }}
+  shared_memory_per_block: 49152 shared_memory_per_core: {g.shared_memory_per_core}
+  threads_per_core_limit: 2048 core_count: {g.core_count} fpus_per_core: {g.fpus_per_core}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {g.bandwidth} l2_cache_size: {g.l2_cache_size}
+  clock_rate_ghz: {g.clock_rate_ghz} device_memory_size: {g.memory}
+  shared_memory_per_block_optin: {g.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {g.compute_capability[0]} minor: {g.compute_capability[1]} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536 }}
 platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 12 minor: 8 }} device_description_str: "NVIDIA {name}\""""
+runtime_version {{ major: 12 minor: 8 }} device_description_str: "{g.name}\""""
 
 
 def chip_of(topology: str) -> Chip:
-  return GPUS[topology][0] if topology in GPUS else CHIPS[topology.split(':')[0]]
+  return GPUS[topology].chip if topology in GPUS else CHIPS[topology.split(':')[0]]
 
 
 def target_devices(topology: str) -> list:
   """Compile-only devices: a TPU topology's ('v5e:2x2') or one GPU's ('h100')."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   if topology in GPUS:
-    _, memory, bw, name = GPUS[topology]
     return topologies.get_topology_desc(
         platform='cuda', topology='1x1x1',
-        target_config=_GPU_CONFIG.format(memory=memory, bw=bw, name=name)).devices
+        target_config=_GPU_CONFIG.format(g=GPUS[topology])).devices
   return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
 
 
@@ -217,7 +246,7 @@ def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
   row = dict(topology=topology, chip=chip_of(topology).name, devices=len(devices),
              device_kind=devices[0].device_kind, hbm_available=hbm_of(topology),
              variant=variant, per_chip=per_chip, image_size=s, steps_per_execution=k,
-             dtype=config.model.dtype, input_dtype=config.input_dtype,
+             dtype=exp.config.model.dtype, input_dtype=config.input_dtype,
              remat=config.model.remat,
              pool_block=(blocks or {}).get('pool_block', exp.model.pool_block).__name__)
   for name, fn, args in (('train', exp.train_steps, train_args),
@@ -363,7 +392,7 @@ def derive(rows: list[dict], margin: float) -> None:
     for f in (row[n] for n in ('train', 'eval') if 'hbm_bytes' in row.get(n, {})):
       f['hbm_fraction'] = f['hbm_bytes'] / row['hbm_available']
       f['fits'] = f['hbm_fraction'] <= 1 - margin
-      t_flops = f['flops'] / chip.peak_bf16_flops  # a step's seconds at the MXU peak
+      t_flops = f['flops'] / chip.peak_flops  # a step's seconds at the MXU peak
       t_bytes = f['bytes'] / chip.hbm_bytes_per_s  # ... at the HBM bandwidth
       f['roofline_images_per_s'] = row['per_chip'] / max(t_flops, t_bytes)
       f['roofline_mxu_fraction'] = t_flops / max(t_flops, t_bytes)
@@ -438,7 +467,7 @@ def markdown(rows: list[dict], margin: float) -> str:
                f"{e['compile_s']:.0f}"] if 'flops' in e else ['failed', '', ''])
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
   lines += ['', 'Devices: ' + '; '.join(
-      f"{c.name}: {c.hbm_bytes / _GIB:.1f} GiB, {c.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+      f"{c.name}: {c.hbm_bytes / _GIB:.1f} GiB, {c.peak_flops / 1e12:.0f} TFLOP/s, "
       f"{c.hbm_bytes_per_s / 1e9:.0f} GB/s ({c.source})"
       for c in sorted({chip_of(r['topology']) for r in rows}, key=lambda c: c.name)) + '. '
       + 'HBM one program may use: ' + ', '.join(sorted(
@@ -474,7 +503,8 @@ def markdown(rows: list[dict], margin: float) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--topology', default='v5e:2x2', help='comma-separated TPU topologies '
-                      '(v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1...) or GPUs (h100, h200)')
+                      '(v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1...) or GPUs (a100, v100, h100, '
+                      'h200)')
   parser.add_argument('--per_chip', default='32', help='batch sizes per device, comma-separated')
   parser.add_argument('--variant', default='baseline', help='comma-separated: baseline, '
                       'gathered_pool, remat, f32, bf16_input ("+" combines)')

@@ -1,11 +1,10 @@
-"""CPU: float32 everywhere (bf16 is emulated on CPU and slower), a batch a CPU can hold."""
+"""CPU: float32 images and computation (config.model.dtype 'auto' is float32 there), a batch
+a CPU can hold."""
 from configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.model.dtype = 'float32'
-  config.input_dtype = 'float32'
   config.batch_size = 32
   config.log_every_steps = 10
   # XLA CPU page-faults in the step's temporaries afresh for every call: five steps per

@@ -47,10 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_bn = True  # False builds the paper's network without BatchNorm.
   # torchvision's input transform; its converted ImageNet weights need True.
   config.model.transform_input = False
-  # Computation dtype; parameters stay float32. 'bfloat16' on TPU and A100/H100 GPUs;
-  # 'float16' for GPUs without fast bf16 (T4, V100): with a dynamic loss scale that skips
-  # overflowing steps and is checkpointed (gnet_jax/train/state.py).
-  config.model.dtype = 'float32'
+  # Computation dtype; parameters stay float32. 'auto' follows the device: bfloat16 on TPUs
+  # and on GPUs of compute capability 8.0 and up, float16 with a dynamic loss scale (that
+  # skips overflowing steps and is checkpointed) on older GPUs (T4, V100), float32 on CPUs
+  # (gnet_jax.train.experiment.compute_dtype); or 'float32', 'bfloat16', 'float16'.
+  config.model.dtype = 'auto'
   # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/cpu/,
   # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device
   # (gnet_jax.cpu.model_blocks decides). GPU and TPU always use XLA's.

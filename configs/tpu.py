@@ -7,7 +7,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.model.dtype = 'bfloat16'
   config.input_dtype = 'uint8'  # normalised on the chip
   # Global; the learning rate scales with it. Keep the per-chip batch a multiple of 128
   # (1024 is 256 per chip on a v5e-4/v6e-4/v5p-8): below that XLA pads the narrow Inception

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import jax
+from jax import export as jax_export  # a submodule that jax < 0.8 does not import
 import jax.numpy as jnp
 
 from gnet_jax import paths
@@ -39,14 +40,14 @@ def _forward(variables, model_kwargs):
 
 
 def _image_spec(image_size: int, input_dtype: str, batch: str = 'b'):
-  (b,) = jax.export.symbolic_shape(batch)
+  (b,) = jax_export.symbolic_shape(batch)
   return jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.dtype(input_dtype))
 
 
 def export_stablehlo(variables, model_kwargs: dict, image_size: int,
-                     input_dtype: str = 'float32') -> jax.export.Exported:
+                     input_dtype: str = 'float32') -> jax_export.Exported:
   """The eval-mode forward pass, parameters included, for any batch size."""
-  return jax.export.export(jax.jit(_forward(variables, model_kwargs)))(
+  return jax_export.export(jax.jit(_forward(variables, model_kwargs)))(
       _image_spec(image_size, input_dtype))
 
 
@@ -63,7 +64,7 @@ def save_stablehlo(variables, model_kwargs: dict, image_size: int, out_dir,
 def load_stablehlo(out_dir):
   """A callable images -> logits from OUT/model.jaxexport."""
   data = (paths.path(out_dir) / STABLEHLO_FILE).read_bytes()
-  return jax.export.deserialize(bytearray(data)).call
+  return jax_export.deserialize(bytearray(data)).call
 
 
 def save_saved_model(variables, model_kwargs: dict, image_size: int, out_dir,

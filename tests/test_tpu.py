@@ -1,5 +1,6 @@
-"""bench/tpu_report.py: the real train and eval steps compiled by libtpu for a TPU topology
-on a machine without a TPU, and the figures it derives from XLA's analyses.
+"""bench/tpu_report.py: the real train and eval steps compiled by libtpu for a TPU topology,
+or by the CUDA plug-in for a GPU, on a machine without either, and the figures it derives
+from XLA's analyses.
 
 The compile test runs the script as a subprocess: the script puts itself in a network
 namespace without network (`unshare -n`) with TPU_SKIP_MDS_QUERY=1 before libtpu loads,
@@ -71,3 +72,23 @@ def test_tpu_compile_report(tmp_path):
   # XLA counts the fori_loop's body once: K steps per call report one step's FLOPs.
   assert rows[2]['train']['flops'] == pytest.approx(rows[1]['train']['flops'], rel=0.01)
   assert (out / 'results.md').read_text().startswith('**Compiler estimates, not measurements**')
+
+
+@pytest.mark.slow
+def test_gpu_compile_follows_the_compute_capability(tmp_path):
+  """config.model.dtype 'auto' (configs/tpu.py's) compiled for XLA's descriptions of an A100
+  and a V100: bfloat16 on the first, float16 with its loss scale on the second, which has
+  no bfloat16 units."""
+  pytest.importorskip('jax_plugins.xla_cuda12',
+                      reason='jax-cuda12-pjrt compiles for GPUs without one')
+  out = tmp_path / 'report'
+  proc = subprocess.run(
+      [sys.executable, REPORT, '--topology', 'a100,v100', '--per_chip', '2',
+       '--image_size', '32', '--out', str(out)],
+      capture_output=True, text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  rows = {r['topology']: r for r in json.loads((out / 'results.json').read_text())['rows']}
+  assert {t: r['dtype'] for t, r in rows.items()} == {'a100': 'bfloat16', 'v100': 'float16'}
+  for row in rows.values():
+    assert 'error' not in row['train'] and 'error' not in row['eval'], row
+    assert row['train']['flops'] > 0 and row['train']['hbm_bytes'] > 0

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from configs import quickstart
 from gnet_jax import ModelSpec, images, metrics, train
+from gnet_jax.train import experiment
 from gnet_jax.train import state as state_lib
 from gnet_jax.train import steps as steps_lib
 
@@ -78,7 +80,17 @@ def short_run(digits_data_dir, tmp_path_factory):
   config.eval_every_steps = 3
   config.profile_steps = '2,3'
   recorder = Recorder()
-  state = train.train_and_evaluate(config, workdir, writers=[recorder])
+  messages = logging.getLogger()
+  handler = logging.Handler()
+  handler.emit = lambda record: recorder.messages.append(record.getMessage())
+  recorder.messages, level = [], messages.level
+  messages.addHandler(handler)
+  messages.setLevel(logging.INFO)
+  try:
+    state = train.train_and_evaluate(config, workdir, writers=[recorder])
+  finally:
+    messages.removeHandler(handler)
+    messages.setLevel(level)
   return workdir, state, recorder
 
 
@@ -235,6 +247,32 @@ def test_uint8_images_train_and_evaluate_as_their_normalised_floats():
     results.append(jax.device_get((state.params, state.batch_stats, history, sums)))
   assert results[0][2]['loss'].dtype == np.float32
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+
+
+@pytest.mark.parametrize('device,dtype', [
+    (dict(platform='tpu', device_kind='TPU v5 lite'), 'bfloat16'),
+    (dict(platform='gpu', device_kind='NVIDIA A100-SXM4-40GB', compute_capability='8.0'),
+     'bfloat16'),
+    (dict(platform='gpu', device_kind='NVIDIA H100 80GB HBM3', compute_capability='9.0'),
+     'bfloat16'),
+    (dict(platform='gpu', device_kind='Tesla T4', compute_capability='7.5'), 'float16'),
+    (dict(platform='gpu', device_kind='Tesla V100-SXM2-16GB', compute_capability='7.0'),
+     'float16'),
+    (dict(platform='cpu', device_kind='cpu'), 'float32'),
+], ids=['tpu', 'a100', 'h100', 't4', 'v100', 'cpu'])
+def test_auto_dtype_follows_the_device(device, dtype):
+  chosen, why = experiment.compute_dtype('auto', [types.SimpleNamespace(**device)])
+  assert chosen == dtype and why.startswith('auto')
+  assert experiment.compute_dtype('float32', [types.SimpleNamespace(**device)])[0] == 'float32'
+  with pytest.raises(ValueError, match='config.model.dtype must be one of'):
+    experiment.compute_dtype('fp16', [types.SimpleNamespace(**device)])
+
+
+def test_the_run_says_which_dtype_auto_chose(short_run):
+  workdir, _, recorder = short_run
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['dtype'] == 'float32'  # 'auto' on a CPU
+  assert any('computing in float32 (auto: CPUs emulate' in m for m in recorder.messages)
 
 
 def test_weight_decay_skips_batchnorm_and_biases():

@@ -24,18 +24,23 @@ FAST_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',
 _KNOWN_VERSIONS = ((0, 10), (0, 13))
 
 
+def flags_known() -> bool:
+  """Whether this jax's XLA is one checked to know FAST_CPU_FLAGS."""
+  low, high = _KNOWN_VERSIONS
+  return low <= jax.__version_info__[:2] < high
+
+
 def use_fast_cpu_kernels() -> bool:
-  """Adds FAST_CPU_FLAGS to XLA_FLAGS; returns whether they are in effect.
+  """Adds FAST_CPU_FLAGS to XLA_FLAGS where this jax knows them; returns whether they are
+  in effect.
 
   A flag the user already set in XLA_FLAGS is left as it is. Too late once JAX's
   backends exist: then nothing changes and the return value says whether they were set.
   """
   current = os.environ.get('XLA_FLAGS', '')
   missing = [f for f in FAST_CPU_FLAGS if f.split('=')[0] not in current]
-  low, high = _KNOWN_VERSIONS
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if (missing and low <= jax.__version_info__[:2] < high
-      and not xla_bridge.backends_are_initialized()):
+  if missing and flags_known() and not xla_bridge.backends_are_initialized():
     current = os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
   return all(f in current.split() for f in FAST_CPU_FLAGS)
 

@@ -144,7 +144,8 @@ def _decoded_batches(records: tf.data.Dataset, s: _Setup, *, train: bool,
   fails on are tried, again in parallel, by the next (the fast path's few leftovers go
   to the general one). Images that none can decode are dropped by `ignore_errors` inside
   their own window, and `_fill` then restores the batch shape, so a bad file can never
-  shift the batches that follow it.
+  shift the batches that follow it. A window is a dataset of its records (`window`), not
+  a batch of them, so that encoded images are never copied into one tensor.
   """
   b, size = s.local_batch, s.size
   attempts = preprocess_fns(train=train, augment=s.augment, size=size,
@@ -153,40 +154,40 @@ def _decoded_batches(records: tf.data.Dataset, s: _Setup, *, train: bool,
       {'image': tf.zeros([size, size, 3], s.dtype), 'label': tf.constant(-1, tf.int64),
        'pos': tf.constant(-1, tf.int64), 'key': tf.constant('')})
 
-  def decoded(rows, fn) -> tf.data.Dataset:
+  def decoded(rows: tf.data.Dataset, fn) -> tf.data.Dataset:
     """One element: the rows `fn` decodes, in order, then the sentinel (so that a window
     of only bad images still yields an element)."""
-    good = tf.data.Dataset.from_tensor_slices(rows).map(
-        fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    return good.concatenate(sentinel).batch(b + 1)
+    good = rows.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return good.ignore_errors().concatenate(sentinel).batch(b + 1)
 
   def decode_window(window):
-    got = decoded(window, attempts[0])
+    rows = tf.data.Dataset.zip(window)
+    got = decoded(rows, attempts[0])
     for fn in attempts[1:]:
-      got = got.map(functools.partial(_retry, window=window, decoded=decoded, fn=fn))
-    meta = tf.data.Dataset.from_tensors({'pos': window['pos'], 'key': window['key']})
+      got = got.map(functools.partial(_retry, rows=rows, decoded=decoded, fn=fn))
+    meta = tf.data.Dataset.zip({'pos': window['pos'], 'key': window['key']}).batch(b)
     return tf.data.Dataset.zip((got, meta))
 
-  windows = records.batch(b, drop_remainder=train)
+  windows = records.window(b, drop_remainder=train)
   ds = windows.interleave(decode_window, cycle_length=WINDOWS_IN_FLIGHT, block_length=1,
                           num_parallel_calls=WINDOWS_IN_FLIGHT, deterministic=True)
   return ds.map(functools.partial(_fill, b=b, train=train))
 
 
-def _retry(got, *, window, decoded, fn):
-  """`got` (decoded rows + sentinel) with the window's rows it lacks decoded by `fn`,
+def _retry(got, *, rows, decoded, fn):
+  """`got` (decoded rows + sentinel) with the window's `rows` it lacks decoded by `fn`,
   all rows in the window's order; `got` itself, uncopied, when it lacks none."""
-  todo = tf.logical_not(tf.reduce_any(
-      tf.equal(window['pos'][:, None], got['pos'][:-1][None, :]), axis=1))
+  done = got['pos'][:-1]
+  missing = lambda ex: tf.logical_not(tf.reduce_any(tf.equal(ex['pos'], done)))
 
   def more():
-    extra = decoded({k: tf.boolean_mask(v, todo) for k, v in window.items()},
-                    fn).get_single_element()
-    rows = {k: tf.concat([got[k][:-1], extra[k][:-1]], 0) for k in got}
-    order = tf.argsort(rows['pos'])  # positions grow along a window
-    return {k: tf.concat([tf.gather(rows[k], order), extra[k][-1:]], 0) for k in got}
+    extra = decoded(rows.filter(missing), fn).get_single_element()
+    merged = {k: tf.concat([got[k][:-1], extra[k][:-1]], 0) for k in got}
+    order = tf.argsort(merged['pos'])  # positions grow along a window
+    return {k: tf.concat([tf.gather(merged[k], order), extra[k][-1:]], 0) for k in got}
 
-  return tf.cond(tf.reduce_any(todo), more, lambda: got)
+  return tf.cond(tf.cast(tf.shape(done)[0], tf.int64) < rows.cardinality(), more,
+                 lambda: got)
 
 
 def _fill(got, meta, *, b: int, train: bool):

@@ -176,16 +176,16 @@ class TfdsSource(Source):
 
   def _dataset(self, split) -> tf.data.Dataset:
     decoders = {k: tfds.decode.SkipDecoding() for k in self._image_keys}
-    read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
+    # An example is named by its file where the dataset keeps file names (ImageNet's),
+    # else by its tfds id, which tfds then adds to every example.
+    has_file_name = self._has_file_name
+    read_config = tfds.ReadConfig(add_tfds_id=not has_file_name, try_autocache=False)
     ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                  read_config=read_config)
     image_key, label_key, name = self._image_key, self._label_key, self.name
-    has_file_name = self._has_file_name
 
     def to_record(ex):
-      key = tf.strings.join([name, ':', ex['tfds_id']])
-      if has_file_name:
-        key = tf.strings.join([key, ' file_name=', ex['file_name']])
+      key = tf.strings.join([name, ':', ex['file_name'] if has_file_name else ex['tfds_id']])
       return {'raw': ex[image_key], 'label': tf.cast(ex[label_key], tf.int64), 'key': key}
 
     return ds.map(to_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

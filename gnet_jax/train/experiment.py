@@ -31,7 +31,7 @@ class Experiment:
   (`Sharding.stacked_batches`) and donates the state; eval_step(variables, batch) sums the
   eval metrics of a padded batch for {'params', 'batch_stats'} (the state's or its EMA).
   """
-  config: Any  # resolved: num_train_steps is the run's real step count
+  config: Any  # resolved: num_train_steps and model.dtype are the run's own
   spec: ModelSpec
   model: GoogLeNet
   learning_rate_fn: Callable
@@ -41,6 +41,7 @@ class Experiment:
   train_steps: Callable
   eval_step: Callable
   steps_per_epoch: int
+  dtype_reason: str  # why config.model.dtype is what it is, for the log
 
   @property
   def num_steps(self) -> int:
@@ -56,6 +57,38 @@ def resolve_steps(config, num_train_examples: int) -> tuple[int, int]:
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(round(config.num_epochs * steps_per_epoch))
+
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+# CUDA GPUs compute bfloat16 natively from compute capability 8.0 (A100) on.
+BFLOAT16_COMPUTE_CAPABILITY = (8, 0)
+
+
+def compute_dtype(choice: str, devices) -> tuple[str, str]:
+  """(the computation dtype, why) that config.model.dtype `choice` means on `devices`.
+
+  'auto' is bfloat16 on TPUs and on GPUs that compute it natively (compute capability 8.0
+  and up: A100, L4, H100...), float16 with the dynamic loss scale on older GPUs (T4, V100,
+  P100), and float32 on CPUs, which emulate both at a fraction of float32's speed.
+  """
+  if choice not in DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {DTYPES}, got {choice!r}.')
+  if choice != 'auto':
+    return choice, 'config.model.dtype'
+  device = devices[0]
+  kind = f'{device.platform.upper()} {device.device_kind}'
+  if device.platform == 'tpu':
+    return 'bfloat16', f'auto: {kind}'
+  if device.platform == 'cpu':
+    return 'float32', 'auto: CPUs emulate bfloat16 and float16'
+  capability = getattr(device, 'compute_capability', None)  # CUDA only
+  if capability is None:
+    return 'bfloat16', f'auto: {kind}'
+  version = tuple(int(v) for v in str(capability).split('.')[:2])
+  if version >= BFLOAT16_COMPUTE_CAPABILITY:
+    return 'bfloat16', f'auto: {kind}, compute capability {capability}'
+  return 'float16', (f'auto: {kind}, compute capability {capability}, has no bfloat16 '
+                     'units; float16 with a dynamic loss scale')
 
 
 def model_blocks(config, devices) -> dict:
@@ -77,10 +110,12 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None,
     raise ValueError('config.steps_per_execution (train steps per call) must be >= 1, got '
                      f'{config.steps_per_execution}.')
   steps_per_epoch, num_steps = resolve_steps(config, num_train_examples)
+  sharding = Sharding.create(devices)
+  dtype, dtype_reason = compute_dtype(config.model.dtype, sharding.devices)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.num_train_steps = num_steps
-  sharding = Sharding.create(devices)
+    config.model.dtype = dtype
   if blocks is None:
     blocks = model_blocks(config, sharding.devices)
   model = spec.build(dtype=jnp.dtype(config.model.dtype), **blocks)
@@ -104,4 +139,5 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None,
                      out_shardings=sharding.replicated)
   return Experiment(config=config, spec=spec, model=model, learning_rate_fn=learning_rate_fn,
                     tx=tx, sharding=sharding, init=init, train_steps=train,
-                    eval_step=evaluate, steps_per_epoch=steps_per_epoch)
+                    eval_step=evaluate, steps_per_epoch=steps_per_epoch,
+                    dtype_reason=dtype_reason)

@@ -120,7 +120,9 @@ def _persistent_cache_hits():
   try:
     yield hits
   finally:
-    jax.monitoring.unregister_event_listener(listener)
+    # jax < 0.8 cannot unregister one listener: there it stays, filling a list no one reads.
+    if hasattr(jax.monitoring, 'unregister_event_listener'):
+      jax.monitoring.unregister_event_listener(listener)
 
 
 def evaluate(exp: experiment.Experiment, variables, config, source) -> dict[str, float]:
@@ -305,7 +307,8 @@ class _Run:
     writers.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
                 f'{info.num_classes} classes; {num_steps} steps of global batch '
                 f'{c.batch_size} on {jax.device_count()} device(s) in '
-                f'{jax.process_count()} process(es); convolutions on '
+                f'{jax.process_count()} process(es); computing in {c.model.dtype} '
+                f'({self.exp.dtype_reason}); convolutions on '
                 f'{cpu.describe(dict(conv_block=self.exp.model.conv_block))}.')
     if start_step:
       writers.log(f'Resumed from checkpoint {self.checkpointer.directory}/{start_step} '
