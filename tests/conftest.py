@@ -6,6 +6,12 @@ import sys
 
 import pytest
 
+# Tests run JAX on the CPU, whatever else is installed: libtpu (the `tpu` extra) would ask
+# a cloud metadata server about its machine as JAX started it, and nothing may leave this
+# machine (bench/tpu_report.py compiles for TPUs in a network namespace of its own).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['TPU_SKIP_MDS_QUERY'] = '1'
+
 try:  # triton (torch's, imported by torchvision) before TensorFlow: imported after it,
   import triton  # pylint: disable=unused-import  # their LLVMs clash and it segfaults.
 except ImportError:  # no CUDA build of torch here: nothing clashes

@@ -97,6 +97,46 @@ def test_summary_cli(capsys):
   assert '6,624,904' in capsys.readouterr().out
 
 
+def test_explained_reductions_are_the_blocks_arithmetic(paper_rows):
+  """summary --explain, read off the traced model, against Table 1's widths by hand: with
+  the 1x1 reductions the block's own row; without, the 3x3 and 5x5 on the block's input."""
+  costs = {c.name: c for c in summary.reduction_costs(224)}
+  assert list(costs) == list(model_lib.INCEPTION_WIDTHS)
+  assert costs['inception_3a'].in_shape == (28, 28, 192)
+  for name, (c1, _, c3, _, c5, pp) in model_lib.INCEPTION_WIDTHS.items():
+    cost, row = costs[name], paper_rows[name]
+    h, w, cin = cost.in_shape
+    assert (cost.params, cost.macs) == (row.params, row.macs)
+    weights = cin * (c1 + 9 * c3 + 25 * c5 + pp)
+    assert cost.params_without == weights + 2 * (c1 + c3 + c5 + pp)  # + BatchNorm's
+    assert cost.macs_without == weights * h * w
+    assert cost.params < cost.params_without and cost.macs < cost.macs_without
+
+
+def test_summary_explain_cli(capsys):
+  summary.main(['--explain'])
+  out = capsys.readouterr().out
+  costs = summary.reduction_costs(224)
+  assert '393,728' in out  # 3a without its reductions
+  assert f"{sum(c.params_without for c in costs):,}" in out.splitlines()[-2]
+
+
+@pytest.mark.parametrize('options', [[], ['--variant', 'torchvision', '--image_size', '160']])
+def test_network_picture_names_every_layer(tmp_path, options, capsys):
+  summary.main([*options, '--draw', str(tmp_path / 'net')])
+  assert f"wrote {tmp_path / 'net.svg'}" in capsys.readouterr().out
+  svg = (tmp_path / 'net.svg').read_text()
+  assert (tmp_path / 'net.png').read_bytes().startswith(b'\x89PNG')
+  size = int(options[-1]) if options else 224
+  _, calls = summary.trace(size, train=True, variant=options[1] if options else 'paper')
+  for call in calls:
+    if len(call.path) == 1:  # every layer, every block, both aux heads
+      assert f'>{call.path[0]}' in svg, call.path
+  for shape in ('28x28x256', '7x7x1024') if not options else ('20x20x256', '5x5x1024'):
+    assert f'concatenate: {shape}' in svg
+  assert ('5x5 conv, 32' in svg) == (not options)  # path 3: 5x5 in the paper only
+
+
 @pytest.mark.parametrize('aux_logits, expected', [(False, 6_624_904), (True, 13_004_888)])
 def test_torchvision_parameter_counts(aux_logits, expected):
   variables = shapes_of(

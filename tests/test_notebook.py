@@ -18,8 +18,10 @@ def test_quickstart_notebook_runs(digits_data_dir, monkeypatch):
                           resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
   outputs = ''.join(o.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
                     for o in cell.outputs)
+  assert 'JAX computes on' in outputs  # the accelerator, said first
   assert '163,328' in outputs  # the layer table
+  assert '393,728' in outputs  # what inception_3a's 1x1 reductions save
   assert 'eval top1' in outputs  # trained and evaluated
   images = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs
             if 'image/png' in o.get('data', {})]
-  assert len(images) == 2  # the curves and the classified digits
+  assert len(images) == 3  # the network, the curves and the classified digits
