@@ -45,7 +45,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and jax is configured before first use.
   import jax  # pylint: disable=import-outside-toplevel
-  from gnet_jax import cpu, metrics, paths  # pylint: disable=import-outside-toplevel
+  from gnet_jax import accelerators, cpu, metrics, paths  # pylint: disable=import-outside-toplevel
   cpu.use_fast_cpu_kernels()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
@@ -67,8 +67,12 @@ def main(argv):
         FLAGS.num_processes if FLAGS.num_processes is not None else env_int('JAX_NUM_PROCESSES'),
         FLAGS.process_id if FLAGS.process_id is not None else env_int('JAX_PROCESS_ID'))
   with metrics.log_to_workdir(FLAGS.workdir) as log_file:
+    with metrics.native_stderr_to(log_file):  # plug-ins' start-up notices (a CUDA probe)
+      devices = jax.devices()
     logging.info('JAX %s, %d process(es), devices: %s', jax.__version__,
-                 jax.process_count(), jax.devices())
+                 jax.process_count(), devices)
+    for problem in accelerators.problems(devices):
+      logging.warning(problem)
     if jax.process_index() == 0:
       copied = ' (copied to the workdir at the end)' if paths.is_remote(FLAGS.workdir) else ''
       print(f"Libraries' log: {log_file}{copied}", flush=True)

@@ -162,7 +162,12 @@ def target_devices(topology: str) -> list:
     return topologies.get_topology_desc(
         platform='cuda', topology='1x1x1',
         target_config=_GPU_CONFIG.format(g=GPUS[topology])).devices
-  return topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  dims = [int(d) for d in topology.split(':')[1].split('x')]
+  # A slice smaller than libtpu's default host of 2x2 chips (v5e:1x1, Colab's v5e-1) is
+  # one host of its own size.
+  bounds = {} if math.prod(dims) >= 4 else {
+      'chips_per_host_bounds': tuple(dims + [1] * (3 - len(dims)))}
+  return topologies.get_topology_desc(topology_name=topology, platform='tpu', **bounds).devices
 
 
 @functools.cache

@@ -58,19 +58,25 @@ def hardware(dev: str = '/dev', environ=None) -> list[str]:
   return found
 
 
+def problems(devices, dev: str = '/dev', environ=None) -> list[str]:
+  """What a person should fix for JAX to use this machine's accelerators (`devices`: the
+  ones JAX computes on): an accelerator it does not use, versions that do not match."""
+  platform = devices[0].platform
+  unused = [h for h in hardware(dev, environ) if h.lower() != platform]
+  found = []
+  if unused:
+    found.append(f'This machine has a {" and a ".join(unused)} that JAX does not use. '
+                 'Install the jax stack at matching versions, e.g. pip install -U "jax[cuda12]" '
+                 'on a GPU or "jax[tpu]" on a TPU, then restart the runtime.')
+  return found + [f'Version mismatch: {p}.' for p in version_mismatches()]
+
+
 def report(devices=None, dev: str = '/dev', environ=None) -> str:
   """One paragraph for a person: what JAX computes on (`devices`, default jax.devices()),
-  and what to do where the machine has an accelerator JAX does not use."""
+  and `problems`."""
   if devices is None:
     import jax  # pylint: disable=import-outside-toplevel
     devices = jax.devices()
-  platform = devices[0].platform
-  lines = [f'JAX computes on {len(devices)} {platform.upper()} device(s): '
-           f'{devices[0].device_kind}.']
-  unused = [h for h in hardware(dev, environ) if h.lower() != platform]
-  if unused:
-    lines.append(f'This machine has a {" and a ".join(unused)} that JAX does not use. '
-                 'Install the jax stack at matching versions, e.g. pip install -U "jax[cuda12]" '
-                 'on a GPU or "jax[tpu]" on a TPU, then restart the runtime.')
-  lines += [f'Version mismatch: {p}.' for p in version_mismatches()]
-  return '\n'.join(lines)
+  return '\n'.join([f'JAX computes on {len(devices)} {devices[0].platform.upper()} '
+                    f'device(s): {devices[0].device_kind}.',
+                    *problems(devices, dev, environ)])

@@ -247,6 +247,13 @@ def create_writers(config, workdir, *, start_step: int, num_steps: int, enabled:
 LOG_FILE = 'train.log'
 
 
+class _OneLine(logging.Formatter):
+  """A record's level and first line: its traceback and the rest go to train.log only."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    return f'{record.levelname}: {record.getMessage().strip().splitlines()[0]}'
+
+
 def _for_the_console(record: logging.LogRecord) -> bool:
   # TensorFlow only decodes images here: its warnings are deprecation notices about
   # tfds's own calls, which the person training can do nothing about (file only).
@@ -257,7 +264,8 @@ def _for_the_console(record: logging.LogRecord) -> bool:
 def log_to_workdir(workdir):
   """Sends log records (INFO and up: this project's, Orbax's, JAX's...) to
   WORKDIR/train.log for the block, and to the console only from WARNING up (TensorFlow's
-  from ERROR up), so libraries' chatter never runs over the progress bar. Yields the local
+  from ERROR up) and only their first line, so libraries' chatter and tracebacks never
+  run over the progress bar. Yields the local
   file being written: WORKDIR/train.log, or on an object store a local file that is
   copied there at the end."""
   target = paths.path(workdir) / LOG_FILE
@@ -271,7 +279,7 @@ def log_to_workdir(workdir):
   to_console = logging.StreamHandler(sys.stderr)
   to_console.setLevel(logging.WARNING)
   to_console.addFilter(_for_the_console)
-  to_console.setFormatter(logging.Formatter('%(levelname)s: %(message)s'))
+  to_console.setFormatter(_OneLine())
   root.handlers[:] = [to_file, to_console]
   root.setLevel(logging.INFO)
   try:
