@@ -7,19 +7,23 @@ or SLURM cluster, where JAX finds them itself.
 
 The workdir may be local or on an object store (gs://bucket/run). Checkpoints go to
 <workdir>/checkpoints: running the same command again on a workdir that has some resumes
-from the newest good one. Libraries' log records, and TensorFlow's C++ start-up notices,
-go to <workdir>/train.log; the console holds the progress bar, evaluations and warnings.
+from the newest good one. Log records and whatever else the process writes to stderr
+(libraries' prints, their threads' tracebacks, C++ notices) go to <workdir>/train.log; the
+console holds the progress bar, evaluations and warnings, and a failed run ends there with
+one message that says what failed and what to do.
 SIGTERM (preemption) saves a checkpoint at the end of the current step and exits 0.
 Compiled steps are kept in JAX's persistent compilation cache (--compilation_cache_dir),
 so a resumed or repeated run skips most of the compile.
 """
+import logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+logger = logging.getLogger('gnet_jax.train_py')
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for metrics, TensorBoard events, checkpoints.')
@@ -45,7 +49,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and jax is configured before first use.
   import jax  # pylint: disable=import-outside-toplevel
-  from gnet_jax import accelerators, cpu, metrics, paths  # pylint: disable=import-outside-toplevel
+  from gnet_jax import cpu, faults, metrics, paths  # pylint: disable=import-outside-toplevel
   cpu.use_fast_cpu_kernels()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
@@ -66,24 +70,61 @@ def main(argv):
         coordinator,
         FLAGS.num_processes if FLAGS.num_processes is not None else env_int('JAX_NUM_PROCESSES'),
         FLAGS.process_id if FLAGS.process_id is not None else env_int('JAX_PROCESS_ID'))
-  with metrics.log_to_workdir(FLAGS.workdir) as log_file:
-    with metrics.native_stderr_to(log_file):  # plug-ins' start-up notices (a CUDA probe)
-      devices = jax.devices()
-    logging.info('JAX %s, %d process(es), devices: %s', jax.__version__,
-                 jax.process_count(), devices)
-    for problem in accelerators.problems(devices):
-      logging.warning(problem)
-    if jax.process_index() == 0:
-      copied = ' (copied to the workdir at the end)' if paths.is_remote(FLAGS.workdir) else ''
-      print(f"Libraries' log: {log_file}{copied}", flush=True)
-    with metrics.native_stderr_to(log_file):  # TensorFlow's start-up notices
-      from gnet_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
-    try:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,
-            checkpoint.CheckpointWriteError, FloatingPointError) as e:
-      logging.error('%s: %s', type(e).__name__, e)
-      sys.exit(f'{type(e).__name__}: {e}')
+  try:
+    if not paths.is_remote(FLAGS.workdir):  # where train.log goes
+      paths.check_writable(FLAGS.workdir)
+    with metrics.log_to_workdir(FLAGS.workdir) as log_file:
+      message = _train(log_file)
+  except faults.StorageFault as e:  # nothing has started
+    message = str(e)
+  if not message:
+    return
+  print(message, file=sys.stderr, flush=True)  # the one line a failed run ends with
+  # No interpreter shutdown after a failure: a failed save's threads would hold the process
+  # for their retries (of a store that does not answer) and print their unretrieved
+  # errors on the console. What they had not written is no checkpoint, the previous ones
+  # are intact, and the run's own files are closed.
+  logging.shutdown()
+  os._exit(1)
+
+
+def _train(log_file) -> str | None:
+  """Runs train_and_evaluate with its output in train.log; returns None, or the message a
+  failed run ends with (its details go to train.log)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from gnet_jax import accelerators, faults, paths
+  # pylint: enable=import-outside-toplevel
+  try:
+    paths.check_writable(FLAGS.workdir)  # a bucket, before anything is compiled
+  except faults.StorageFault as e:
+    return str(e)
+  devices = jax.devices()
+  logger.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
+              devices)
+  for problem in accelerators.problems(devices):
+    logger.warning(problem)
+  if jax.process_index() == 0:
+    copied = ' (copied to the workdir at the end)' if paths.is_remote(FLAGS.workdir) else ''
+    print(f"Libraries' log: {log_file}{copied}", flush=True)
+  from gnet_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    return None
+  except faults.StorageFault as e:
+    message = str(e)
+  except (checkpoint.CheckpointMismatchError, checkpoint.NoUsableCheckpointError,
+          FloatingPointError) as e:
+    message = f'{type(e).__name__}: {e}'
+  except Exception as e:  # pylint: disable=broad-except
+    kind = faults.kind_of(e)
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    message = (f'Stopped: {faults.describe(kind, FLAGS.workdir)}. '
+               f'{faults.what_to_do(kind, FLAGS.workdir)}.' if kind else
+               f'Stopped on an unexpected error ({type(e).__name__}: {first}); the traceback '
+               f'is in {log_file}.')
+  logger.error('The run stopped: %s', message, exc_info=True, extra={'log_only': True})
+  return message
 
 
 if __name__ == '__main__':

@@ -57,7 +57,7 @@ class Case:
   steps: int
   warmup: int
   fast_cpu_flags: bool = True
-  cpu_convolutions: str = 'auto'  # config.model.cpu_convolutions of the JAX case
+  cpu_convolutions: str = 'auto'  # config.runtime.cpu_convolutions of the JAX case
   torch_compile_backend: str = 'inductor'
   compilation_cache_dir: str = ''  # JAX's persistent cache; '' compiles cold
   steps_per_execution: int = 0  # train steps per call of the JAX case; 0: train.py's
@@ -131,8 +131,8 @@ def run_jax(case: Case) -> dict:
   config.num_train_steps = 10_000
   config.image_size = case.image_size
   config.model.variant = case.variant
-  config.model.dtype = case.dtype
-  config.model.cpu_convolutions = case.cpu_convolutions
+  config.runtime.dtype = case.dtype
+  config.runtime.cpu_convolutions = case.cpu_convolutions
   k = case.steps_per_execution or (
       cpu_config.get_config().steps_per_execution if jax.default_backend() == 'cpu' else 1)
   config.steps_per_execution = k
@@ -145,10 +145,7 @@ def run_jax(case: Case) -> dict:
   batches = exp.sharding.stacked_batches([local] * k, k)
   state = exp.init()
 
-  start = time.perf_counter()
-  train_fn = exp.train_steps.lower(state, batches, np.int32(k)).compile()
-  train_compile_s = time.perf_counter() - start
-  cpu.release_freed_host_memory()  # as the training loop does
+  train_fn, train_compile_s, _ = exp.compile_train_steps(state, batches, k)  # as train.py
   # One step's: XLA counts a loop's body once when its trip count is not a constant.
   flops = (train_fn.cost_analysis() or {}).get('flops')
 
@@ -176,7 +173,7 @@ def run_jax(case: Case) -> dict:
     result['peak_device_mb'] = stats.get('peak_bytes_in_use', 0) / 2**20
   result['device'] = f'{device.device_kind} x{jax.device_count()}'
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
-  result['convolutions'] = cpu.describe(dict(conv_block=exp.model.conv_block))
+  result['convolutions'] = exp.kernels
   return result
 
 
@@ -399,7 +396,7 @@ def parse_args(argv=None):
   parser.add_argument('--no_fast_cpu_flags', action='store_true',
                       help="JAX with XLA's default CPU settings (gnet_jax/cpu/flags.py)")
   parser.add_argument('--cpu_convolutions', default='auto', choices=['auto', 'onednn', 'xla'],
-                      help="the JAX case's config.model.cpu_convolutions ('auto': oneDNN "
+                      help="the JAX case's config.runtime.cpu_convolutions ('auto': oneDNN "
                       'on one CPU device, gnet_jax/cpu/)')
   parser.add_argument('--compilation_cache_dir', default='',
                       help="JAX's persistent compilation cache for the JAX cases: the "

@@ -187,13 +187,18 @@ def hbm_of(topology: str) -> int:
   return chip_of(topology).hbm_bytes
 
 
-def model_flops(lowered) -> float:
+def model_flops(lowered) -> float | None:
   """XLA's FLOPs of a program before optimisation, counted by the CPU client (the CUDA
-  plug-in's compile-only programs have no cost analysis, and cuDNN calls no FLOPs)."""
+  plug-in's compile-only programs have no cost analysis, and cuDNN calls no FLOPs), or
+  None where this jax lacks the private function that counts them."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+  try:
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+    count = _jax.hlo_module_cost_analysis
+  except (ImportError, AttributeError):
+    return None
   module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
-  return float(_jax.hlo_module_cost_analysis(jax.devices('cpu')[0].client, module)['flops'])
+  return float(count(jax.devices('cpu')[0].client, module)['flops'])
 
 
 # --- the program -----------------------------------------------------------------------
@@ -201,21 +206,21 @@ def model_flops(lowered) -> float:
 def variant_blocks(variant: str, config, devices):
   """Applies `variant`'s config changes ('+' combines) and returns train.build's `blocks`
   (None: its own choice). baseline: the project's choice (on TPU and GPU the model's own
-  blocks: XLA's max pool; uint8 input); gathered_pool: layers.GatherMaxPool (the CPU-tuned
-  gathered gradient); remat: config.model.remat; f32: float32 compute and input;
+  blocks: XLA's max pool; uint8 input); gathered_pool: cpu.pool.GatherMaxPool (the CPU-tuned
+  gathered gradient); remat: config.runtime.remat; f32: float32 compute and input;
   bf16_input: images normalised on the host and handed over as bfloat16."""
-  from gnet_jax import layers  # pylint: disable=import-outside-toplevel
+  from gnet_jax.cpu import pool  # pylint: disable=import-outside-toplevel
   from gnet_jax.train import experiment  # pylint: disable=import-outside-toplevel
   parts = set(variant.split('+'))
   if parts - {'baseline', 'gathered_pool', 'remat', 'f32', 'bf16_input'}:
     raise ValueError(f'unknown variant in {variant!r}')
-  config.model.remat = 'remat' in parts
+  config.runtime.remat = 'remat' in parts
   if 'f32' in parts:
-    config.model.dtype = config.input_dtype = 'float32'
+    config.runtime.dtype = config.input_dtype = 'float32'
   if 'bf16_input' in parts:
     config.input_dtype = 'bfloat16'
   if 'gathered_pool' in parts:
-    return {**experiment.model_blocks(config, devices), 'pool_block': layers.GatherMaxPool}
+    return {**experiment.model_blocks(config, devices), 'pool_block': pool.GatherMaxPool}
   return None
 
 
@@ -251,8 +256,8 @@ def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
   row = dict(topology=topology, chip=chip_of(topology).name, devices=len(devices),
              device_kind=devices[0].device_kind, hbm_available=hbm_of(topology),
              variant=variant, per_chip=per_chip, image_size=s, steps_per_execution=k,
-             dtype=exp.config.model.dtype, input_dtype=config.input_dtype,
-             remat=config.model.remat,
+             dtype=exp.config.runtime.dtype, input_dtype=config.input_dtype,
+             remat=config.runtime.remat,
              pool_block=(blocks or {}).get('pool_block', exp.model.pool_block).__name__)
   for name, fn, args in (('train', exp.train_steps, train_args),
                          ('eval', exp.eval_step, eval_args)):
@@ -268,7 +273,7 @@ def compile_case(topology: str, per_chip: int, variant: str = 'baseline',
     if hlo or not f['bytes']:
       f['hlo'] = hlo_traffic(compiled.as_text())
     if not f['bytes']:  # no cost analysis (GPU)
-      f['flops'], f['bytes'] = model_flops(lowered), f['hlo']['padded_mb'] * 1e6
+      f['flops'], f['bytes'] = model_flops(lowered) or 0.0, f['hlo']['padded_mb'] * 1e6
       f['cost_source'] = 'FLOPs before optimisation; bytes: hlo_traffic'
     f['flops_per_image'], f['bytes_per_image'] = f['flops'] / per_chip, f['bytes'] / per_chip
   if 'error' not in row['train']:  # the device's share of the stacked batches

@@ -1,4 +1,4 @@
-"""CPU: float32 images and computation (config.model.dtype 'auto' is float32 there), a batch
+"""CPU: float32 images and computation (config.runtime.dtype 'auto' is float32 there), a batch
 a CPU can hold."""
 from configs import default
 

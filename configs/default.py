@@ -6,6 +6,8 @@ Override any field on the command line: `--config.batch_size=256`.
 import ml_collections
 from ml_collections import config_dict
 
+from gnet_jax import spec
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -39,26 +41,27 @@ def get_config() -> ml_collections.ConfigDict:
   # 'float32' (CPU: the host is the device) or 'bfloat16'.
   config.input_dtype = 'float32'
 
-  # --- Model (gnet_jax/model.py, gnet_jax/spec.py) ---
-  config.model = ml_collections.ConfigDict()
-  config.model.variant = 'paper'  # 'paper' or 'torchvision'.
-  config.model.aux_logits = True  # The paper's two auxiliary heads, loss weight 0.3.
-  config.model.dropout_rate = config_dict.placeholder(float)  # None: the variant's (0.4 paper, 0.2 torchvision).
-  config.model.use_bn = True  # False builds the paper's network without BatchNorm.
-  # torchvision's input transform; its converted ImageNet weights need True.
-  config.model.transform_input = False
+  # --- Model (gnet_jax/model.py) ---
+  # GoogLeNet's network options, with its defaults (their meaning: gnet_jax.GoogLeNet's
+  # docstring): variant ('paper' or 'torchvision'), aux_logits, dropout_rate (None: the
+  # variant's), aux_dropout_rate, use_bn, transform_input (torchvision's weights need it).
+  # num_classes comes from the data. These, with image_size and augment, are model.json.
+  config.model = spec.model_config()
+
+  # --- How the model runs (never part of model.json) ---
+  config.runtime = ml_collections.ConfigDict()
   # Computation dtype; parameters stay float32. 'auto' follows the device: bfloat16 on TPUs
   # and on GPUs of compute capability 8.0 and up, float16 with a dynamic loss scale (that
   # skips overflowing steps and is checkpointed) on older GPUs (T4, V100), float32 on CPUs
   # (gnet_jax.train.experiment.compute_dtype); or 'float32', 'bfloat16', 'float16'.
-  config.model.dtype = 'auto'
+  config.runtime.dtype = 'auto'
   # float32 convolutions, max pools and BatchNorms on CPU: 'onednn' (gnet_jax/cpu/,
   # faster), 'xla', or 'auto': oneDNN when the step runs on a single CPU device
   # (gnet_jax.cpu.model_blocks decides). GPU and TPU always use XLA's.
-  config.model.cpu_convolutions = 'auto'
+  config.runtime.cpu_convolutions = 'auto'
   # Recompute each Inception block's activations in the backward pass instead of keeping
   # them: less accelerator memory (larger batches), more FLOPs. Same function.
-  config.model.remat = False
+  config.runtime.remat = False
 
   # --- Optimisation (gnet_jax/train/) ---
   config.seed = 0  # Initialisation, dropout and data order all derive from it.

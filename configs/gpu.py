@@ -1,5 +1,5 @@
 """GPU box (one host, every local GPU): bfloat16 compute (float16 with a loss scale on GPUs
-older than the A100: config.model.dtype 'auto'), float32 parameters and loss, uint8 images."""
+older than the A100: config.runtime.dtype 'auto'), float32 parameters and loss, uint8 images."""
 from configs import default
 
 

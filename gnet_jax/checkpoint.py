@@ -37,7 +37,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gnet_jax import paths
+from gnet_jax import faults, paths
+from gnet_jax import spec as spec_lib
 from gnet_jax.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,27 @@ CORRUPT_DIR = 'corrupt_checkpoints'  # bad checkpoints are moved here, never del
 BEST_METRIC = 'eval_top1'
 FORMAT_VERSION = 2
 
-# Fields of the run that decide the shapes and structure of the saved state: a workdir
-# whose checkpoint differs in one of them cannot be resumed with this config.
-STRUCTURE_FIELDS = ('model.variant', 'model.aux_logits', 'model.use_bn', 'num_classes',
-                    'optimizer', 'grad_clip', 'ema', 'loss_scaling', 'grad_accum_steps')
-# Fields that change the run (the data it sees) but not the state's structure: a warning.
+# What of the run, besides the model, fixes the saved state's structure: a workdir whose
+# checkpoint differs in one of them cannot be resumed with this config...
+STATE_FIELDS = ('optimizer', 'grad_clip', 'ema', 'loss_scaling', 'grad_accum_steps')
+# ...and what changes the data the run sees but not the state's structure: a warning.
 DATA_FIELDS = ('dataset', 'seed', 'batch_size', 'image_size')
+
+
+def _model_key(option: str) -> str:
+  """A network option's key in a checkpoint's run record: where a config sets it."""
+  return option if option in spec_lib.FROM_DATA else f'model.{option}'
+
+
+def _structure_fields() -> tuple[str, ...]:
+  """Every run field that makes another model or state: the network options that change
+  the weights or the heads (model.ROLES), and STATE_FIELDS."""
+  return tuple(_model_key(o) for o in ModelSpec.with_role('weights')
+               + ModelSpec.with_role('head')) + STATE_FIELDS
+
+
+def _warning_fields() -> tuple[str, ...]:
+  return DATA_FIELDS + tuple(_model_key(o) for o in ModelSpec.with_role('training'))
 
 
 class CheckpointMismatchError(ValueError):
@@ -63,8 +79,9 @@ class NoUsableCheckpointError(RuntimeError):
   """Checkpoints exist but none of them can be read."""
 
 
-class CheckpointWriteError(RuntimeError):
-  """A checkpoint could not be written (disk full, unwritable workdir...)."""
+class CheckpointWriteError(faults.StorageFault):
+  """A checkpoint could not be written (disk full, unwritable workdir, lost connection...);
+  `kind` is faults.kind_of's, or None for another cause."""
 
 
 def checkpoint_dir(workdir):
@@ -72,16 +89,14 @@ def checkpoint_dir(workdir):
 
 
 def run_fields(config, spec: ModelSpec) -> dict:
-  """What a checkpoint records of the run, flat 'a.b' keys (STRUCTURE_FIELDS, DATA_FIELDS)."""
+  """What a checkpoint records of the run, flat 'a.b' keys: the model's options, then
+  STATE_FIELDS and DATA_FIELDS. `config` is resolved (`train.build`'s)."""
   return {
-      'model.variant': spec.variant,
-      'model.aux_logits': spec.aux_logits,
-      'model.use_bn': spec.use_bn,
-      'num_classes': spec.num_classes,
+      **{_model_key(k): v for k, v in spec.model_kwargs().items()},
       'optimizer': config.optimizer,
       'grad_clip': bool(config.get('grad_clip_norm') or 0),
       'ema': bool(config.get('ema_decay') or 0),
-      'loss_scaling': config.model.dtype == 'float16',
+      'loss_scaling': config.runtime.dtype == 'float16',
       'grad_accum_steps': int(config.get('grad_accum_steps', 1)),
       'dataset': config.dataset,
       'seed': int(config.seed),
@@ -93,7 +108,7 @@ def run_fields(config, spec: ModelSpec) -> dict:
 def check_compatible(saved: dict, current: dict, step: int, directory) -> None:
   """CheckpointMismatchError naming every structural field that differs; warns on the rest."""
   differ = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
-            for k in STRUCTURE_FIELDS if k in saved and saved.get(k) != current.get(k)]
+            for k in _structure_fields() if k in saved and saved.get(k) != current.get(k)]
   if differ:
     raise CheckpointMismatchError(
         f'The checkpoint of step {step} in {directory} does not match the config: '
@@ -101,7 +116,7 @@ def check_compatible(saved: dict, current: dict, step: int, directory) -> None:
         'this checkpoint, start a new workdir with '
         f'--config.init_from={paths.path(directory).parent}.')
   changed = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
-             for k in DATA_FIELDS if k in saved and saved.get(k) != current.get(k)]
+             for k in _warning_fields() if k in saved and saved.get(k) != current.get(k)]
   if changed:
     logger.warning('Resuming step %d of %s with a changed config (%s): the run will not '
                    'be the one that was started.', step, directory, '; '.join(changed))
@@ -160,10 +175,13 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=('state', 'meta'))
     except OSError as e:
-      raise CheckpointWriteError(
-          f'Cannot create the checkpoint directory {self.directory}: {e}') from e
+      kind = faults.kind_of(e)
+      raise CheckpointWriteError(kind, f'Cannot create the checkpoint directory {self.directory}'
+                                 f' ({e}). ' + (f'{faults.what_to_do(kind, self.workdir)}.'
+                                               if kind else 'Choose another --workdir.')) from e
     self._last_saved = self.manager.latest_step()
-    self._pending = None
+    self._durable = self._last_saved  # the newest step known to be written whole
+    self._pending = None  # the step of a save not yet known to be written
     self._reader = None
 
   # --- reading -----------------------------------------------------------------------
@@ -256,6 +274,7 @@ class Checkpointer:
     if found is None:
       return None
     step, (tree, meta) = found
+    self._durable = step
     return tree, meta, step
 
   def _warn_bad(self, step: int, error: Exception) -> None:
@@ -279,7 +298,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f'gnet_checkpoint_set_aside_{step}')
     self.manager.reload()
-    self._last_saved = self.manager.latest_step()
+    self._last_saved = self._durable = self.manager.latest_step()
 
   # --- writing -----------------------------------------------------------------------
   def save(self, step: int, tree: dict, run: dict, train_window: list,
@@ -288,6 +307,7 @@ class Checkpointer:
     if self._last_saved == step:
       return False
     meta = {'format': FORMAT_VERSION, 'run': run, 'train_window': train_window}
+    self.wait()  # Orbax would wait for the previous save too: its failure is its own
     try:
       saved = self.manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
@@ -301,13 +321,38 @@ class Checkpointer:
     return saved
 
   def _write_error(self, step, e) -> CheckpointWriteError:
-    good = [s for s in _steps_on_disk(self.directory) if s != step]
-    kept = (f'the previous checkpoint (step {max(good)}) is intact' if good else
-            'there is no earlier checkpoint')
-    return CheckpointWriteError(
-        f'Could not write the checkpoint of step {step} to {self.directory} '
-        f'({type(e).__name__}: {e}). Is the disk full or the workdir not writable? '
-        f'Nothing was overwritten: {kept}.')
+    """A failed save, in the words of `fault`."""
+    return self.fault(e, step, 'its checkpoint could not be written')
+
+  def fault(self, e: BaseException, step: int, what: str) -> CheckpointWriteError:
+    """The short message of a write that failed at `step`: why, `what` failed, the last
+    good checkpoint and what to do (the exception itself goes to train.log)."""
+    logger.error('At step %s, %s (%s).', step, what, self.directory, exc_info=e,
+                 extra={'log_only': True})
+    last = (f'The previous checkpoint (step {self._durable}) is intact: '
+            f'{self.directory / str(self._durable)}.' if self._durable is not None else
+            'There is no earlier checkpoint: run again, it starts over.')
+    kind = faults.kind_of(e)
+    if kind is None:
+      first = (str(e).strip().splitlines() or [''])[0][:200]
+      return CheckpointWriteError(None, (
+          f'At step {step}, {what} ({self.directory}; {type(e).__name__}: {first}). {last} '
+          'The details are in train.log.'))
+    why = faults.describe(kind, self.workdir)
+    return CheckpointWriteError(kind, (
+        f'{why[0].upper()}{why[1:]}: at step {step}, {what}. {last} '
+        f'{faults.what_to_do(kind, self.workdir)}.'))
+
+  def check(self) -> None:
+    """Raises CheckpointWriteError if a background save has failed, where this Orbax can
+    tell before the next save."""
+    check = getattr(self.manager, 'check_for_errors', None)
+    if check is None or self._pending is None:
+      return
+    try:
+      check()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._pending, e) from e
 
   def wait(self) -> None:
     """Blocks until every save started is durable; raises CheckpointWriteError if one failed."""
@@ -315,15 +360,25 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self._pending, e) from e
+    if self._pending is not None:
+      self._durable, self._pending = self._pending, None
 
   def reached_preemption(self, step: int) -> bool:
     """JAX's multi-host preemption sync point (False where there is no such service)."""
     return self.manager.reached_preemption(step)
 
-  def close(self) -> None:
-    self.manager.close()
-    if self._reader is not None:
-      self._reader.close()
+  def close(self, quietly: bool = False) -> None:
+    """Ends the manager (after its saves); `quietly` logs what that raises instead, for
+    when another error is already ending the run."""
+    try:
+      self.manager.close()
+      if self._reader is not None:
+        self._reader.close()
+    except Exception:  # pylint: disable=broad-except
+      if not quietly:
+        raise
+      logger.exception('Closing the checkpoint manager after the error failed too.',
+                       extra={'log_only': True})
 
 
 def merge_matching(fresh: dict, loaded: dict) -> tuple[dict, list[str]]:

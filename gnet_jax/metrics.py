@@ -152,22 +152,22 @@ class ConsoleWriter(Writer):
 
   def __init__(self, start: int, total: int):
     self.bar = tqdm.tqdm(total=total, initial=start, unit='step', dynamic_ncols=True,
-                         mininterval=1.0, desc='train')
+                         mininterval=1.0, desc='train', file=console())
 
   def advance(self, steps: int) -> None:
     self.bar.update(steps)
 
   def message(self, text: str) -> None:
-    self.bar.write(text)
+    self.bar.write(text, file=console())
 
   def write(self, step, split, scalars):
     if split == 'train':
       self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.3f}",
                            img_s=f"{scalars.get('images_per_sec', 0):.0f}")
     else:
-      self.bar.write(f"step {step}: {split} top1 {scalars['top1']:.4f} top5 "
-                     f"{scalars['top5']:.4f} loss {scalars['loss']:.4f} "
-                     f"({scalars['count']} examples)")
+      self.message(f"step {step}: {split} top1 {scalars['top1']:.4f} top5 "
+                   f"{scalars['top5']:.4f} loss {scalars['loss']:.4f} "
+                   f"({scalars['count']} examples)")
 
   def close(self):
     self.bar.close()
@@ -255,28 +255,52 @@ class _OneLine(logging.Formatter):
 
 
 def _for_the_console(record: logging.LogRecord) -> bool:
+  """Which records from WARNING up a person reads too (all go to train.log)."""
+  if getattr(record, 'log_only', False):  # details of what the run reports in its own words
+    return False
+  # The storage libraries' view of a write that failed (Orbax's, gcsfs's): the run reports
+  # the failure itself, in a sentence that says what to do.
+  if f'{os.sep}orbax{os.sep}' in record.pathname or record.name.startswith('gcsfs'):
+    return False
   # TensorFlow only decodes images here: its warnings are deprecation notices about
   # tfds's own calls, which the person training can do nothing about (file only).
   return record.name != 'tensorflow' or record.levelno >= logging.ERROR
 
 
+# Where a person reads: the process's stderr, but while `log_to_workdir` sends that to
+# train.log, the terminal it had.
+_console = None
+
+
+def console():
+  """The stream a person reads (the progress bar, warnings, the final message)."""
+  return _console or sys.stderr
+
+
 @contextlib.contextmanager
 def log_to_workdir(workdir):
-  """Sends log records (INFO and up: this project's, Orbax's, JAX's...) to
-  WORKDIR/train.log for the block, and to the console only from WARNING up (TensorFlow's
-  from ERROR up) and only their first line, so libraries' chatter and tracebacks never
-  run over the progress bar. Yields the local
-  file being written: WORKDIR/train.log, or on an object store a local file that is
-  copied there at the end."""
+  """For the block, WORKDIR/train.log gets the log records (INFO and up: this project's,
+  Orbax's, JAX's...) and everything else the process writes to its stderr: libraries'
+  prints, their threads' tracebacks, native code's notices. The console (`console()`) gets
+  the progress bar and the records from WARNING up (TensorFlow's from ERROR up), each by
+  its first line only, so that libraries' chatter never runs over the progress bar.
+  Yields the local file being written: WORKDIR/train.log, or on an object store a local
+  file that is copied there at the end. Raises OSError if it cannot be written."""
+  global _console
   target = paths.path(workdir) / LOG_FILE
   local = target if not paths.is_remote(target) else paths.path(
       tempfile.mkdtemp(prefix='gnet_jax_log_')) / LOG_FILE
   local.parent.mkdir(parents=True, exist_ok=True)
+  log = open(local, 'ab', buffering=0)  # pylint: disable=consider-using-with
+  sys.stderr.flush()
+  terminal = os.dup(2)
+  _console = os.fdopen(os.dup(2), 'w', buffering=1)
+  os.dup2(log.fileno(), 2)
   root = logging.getLogger()
   handlers, level = root.handlers[:], root.level
-  to_file = logging.FileHandler(local)
+  to_file = logging.StreamHandler(open(local, 'a', buffering=1))  # pylint: disable=consider-using-with
   to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-  to_console = logging.StreamHandler(sys.stderr)
+  to_console = logging.StreamHandler(_console)
   to_console.setLevel(logging.WARNING)
   to_console.addFilter(_for_the_console)
   to_console.setFormatter(_OneLine())
@@ -285,27 +309,25 @@ def log_to_workdir(workdir):
   try:
     yield local
   finally:
-    to_file.close()
+    copy_failed = None
+    if local != target:  # while its own chatter still goes to the log
+      try:
+        to_file.flush()
+        paths.move(local, target)
+        local.parent.rmdir()
+      except Exception as e:  # pylint: disable=broad-except  # the run's outcome counts
+        copy_failed = e
+    sys.stderr.flush()
+    os.dup2(terminal, 2)
+    os.close(terminal)
+    _console.close()
+    _console = None
+    with contextlib.suppress(OSError):  # a full disk fails the last flush: the run says so
+      to_file.stream.close()
+    with contextlib.suppress(OSError):
+      log.close()
     root.handlers[:] = handlers
     root.setLevel(level)
-    if local != target:
-      paths.move(local, target)
-      local.parent.rmdir()
-
-
-@contextlib.contextmanager
-def native_stderr_to(log_file):
-  """Appends what native code writes straight to file descriptor 2 during the block to
-  `log_file` (a local path): TensorFlow's C++ start-up notices, which ignore
-  TF_CPP_MIN_LOG_LEVEL before absl's logging starts, and its CUDA probing where CUDA
-  libraries are installed. Meant for imports: a crash inside the block is told there only."""
-  sys.stderr.flush()
-  console = os.dup(2)
-  try:
-    with open(log_file, 'ab') as f:
-      os.dup2(f.fileno(), 2)
-    yield
-  finally:
-    sys.stderr.flush()
-    os.dup2(console, 2)
-    os.close(console)
+    if copy_failed is not None:
+      print(f'train.log stays at {local}: it could not be copied to {target} '
+            f'({type(copy_failed).__name__}).', file=sys.stderr, flush=True)

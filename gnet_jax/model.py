@@ -165,10 +165,25 @@ class AuxHead(nn.Module):
                     param_dtype=jnp.float32, name='fc2')(x)
 
 
+# What a change of a network option means for weights trained with the other value.
+ROLES = {
+    'weights': 'they compute something else: another model',
+    'head': 'the classifier and aux heads are other layers, freshly initialised',
+    'training': 'nothing at inference: only how training regularises',
+}
+
+
+def option(default, role: str):
+  """A GoogLeNet field that defines the network: part of a ModelSpec and model.json, and
+  of config.model (but num_classes, which the data sets); `role` is its ROLES key."""
+  assert role in ROLES, role
+  return dataclasses.field(default=default, metadata={'role': role})
+
+
 class GoogLeNet(nn.Module):
   """GoogLeNet / Inception v1.
 
-  Attributes:
+  The network's options (the fields made with `option`; `network_options`):
     num_classes: size of the classifier.
     variant: 'paper' or 'torchvision' (`VARIANTS`).
     aux_logits: build the two auxiliary heads; they only run in training mode.
@@ -176,6 +191,7 @@ class GoogLeNet(nn.Module):
     aux_dropout_rate: inside the aux heads (0.7 in the paper and torchvision).
     use_bn: BatchNorm after every conv; False gives the paper's network without it.
     transform_input: torchvision's input transform (its pretrained weights need it).
+  How it runs, which never changes what it computes:
     dtype: computation dtype (bfloat16 on TPU/GPU); parameters stay float32, BatchNorm
       statistics are reduced in float32, and the logits are returned as float32.
     conv_block, pool_block, inception_block: the conv -> BatchNorm -> ReLU block, the max
@@ -185,13 +201,13 @@ class GoogLeNet(nn.Module):
   Returns logits (N, num_classes) in eval mode; in training mode with aux_logits a
   `GoogLeNetOutputs(logits, aux_4a, aux_4d)`.
   """
-  num_classes: int = 1000
-  variant: str = 'paper'
-  aux_logits: bool = True
-  dropout_rate: float | None = None
-  aux_dropout_rate: float = 0.7
-  use_bn: bool = True
-  transform_input: bool = False
+  num_classes: int = option(1000, 'head')
+  variant: str = option('paper', 'weights')
+  aux_logits: bool = option(True, 'head')
+  dropout_rate: float | None = option(None, 'training')
+  aux_dropout_rate: float = option(0.7, 'training')
+  use_bn: bool = option(True, 'weights')
+  transform_input: bool = option(False, 'weights')
   dtype: Any = jnp.float32
   conv_block: ModuleDef = BasicConv
   pool_block: ModuleDef = MaxPool
@@ -269,6 +285,11 @@ class GoogLeNet(nn.Module):
     if run_aux and train:
       return GoogLeNetOutputs(logits, aux_4a.astype(jnp.float32), aux_4d.astype(jnp.float32))
     return logits
+
+
+def network_options() -> dict[str, dataclasses.Field]:
+  """GoogLeNet's fields that define its function (`option`), by name, in their order."""
+  return {f.name: f for f in dataclasses.fields(GoogLeNet) if 'role' in f.metadata}
 
 
 def init_fn(key: jax.Array, images: jax.Array, **model_kwargs) -> dict:

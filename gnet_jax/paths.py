@@ -10,6 +10,8 @@ import uuid
 
 from etils import epath
 
+from gnet_jax import faults
+
 
 def is_remote(p) -> bool:
   """Whether `p` names an object store (gs://, s3://, ...) rather than a local path."""
@@ -55,3 +57,31 @@ def move(src, dst) -> None:
     move(entry, dst / entry.name)
   if src.exists():
     src.rmtree()
+
+
+def check_writable(workdir) -> None:
+  """Raises faults.StorageFault, with the message for the person, unless files can be
+  written in `workdir` (made if missing): its bucket exists and answers, or its disk takes
+  a file. Checked before a run starts, so that a wrong workdir costs no compile."""
+  where = path(workdir)
+  try:
+    if is_remote(where):
+      bucket = path(faults.bucket_of(where))
+      if not bucket.exists():
+        raise faults.StorageFault('no_bucket', _message('no_bucket', workdir))
+    else:
+      where.mkdir(parents=True, exist_ok=True)
+      probe = where / f'.gnet_jax_probe.{uuid.uuid4().hex}'
+      probe.write_text('')
+      probe.unlink()
+  except faults.StorageFault:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    kind = faults.kind_of(e) or ('connection' if is_remote(where) else 'unwritable')
+    raise faults.StorageFault(kind, _message(kind, workdir, e)) from e
+
+
+def _message(kind: str, workdir, error: Exception | None = None) -> str:
+  what = faults.describe(kind, workdir)
+  why = f' ({getattr(error, "strerror", None) or error})' if error else ''
+  return f'Cannot start: {what}{why}. {faults.what_to_do(kind, workdir)}.'

@@ -1,11 +1,13 @@
-"""ModelSpec: the JSON-able description of a trained GoogLeNet, in one place.
+"""ModelSpec: the JSON-able description of a trained GoogLeNet, derived from the model.
 
-A spec holds the options that define the model's function (`GoogLeNet`'s fields) and
+A spec holds the options that define the model's function, GoogLeNet's `option` fields
+(`model.network_options`: their names, types and defaults are declared there alone), and
 what its inputs and outputs mean (image size, eval preprocessing, class names). Configs
-make one (`from_config`), and every folder that holds a model keeps one as `model.json`
-beside its checkpoints: a training workdir and a folder of converted torchvision weights
-have the same on-disk format, which `gnet_jax.checkpoint.load_model` reads, and which
-predict, export, fine-tuning and the notebook use.
+make one (`from_config`; `config.model` is `model_config()`), and every folder that holds a
+model keeps one as `model.json` beside its checkpoints: a training workdir and a folder
+of converted torchvision weights have the same on-disk format, which
+`gnet_jax.checkpoint.load_model` reads, and which predict, export, fine-tuning and the
+notebook use.
 
     spec = ModelSpec.load('weights/')            # or a training workdir
     logits = spec.build().apply(variables, images)
@@ -14,39 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
+import ml_collections
+from ml_collections import config_dict
+
 from gnet_jax import paths
-from gnet_jax.model import VARIANTS, GoogLeNet
+from gnet_jax.model import ROLES, VARIANTS, GoogLeNet, network_options
 
 SPEC_FILE = 'model.json'
 PREPROCESSING = ('inception', 'small')  # config.augment: how eval images are prepared
+# Set by the data, not by config.model.
+FROM_DATA = ('num_classes',)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """What defines a GoogLeNet and what it was trained for.
-
-  Model fields (`model_kwargs()`): num_classes, variant, aux_logits, use_bn,
-  transform_input, dropout_rate, aux_dropout_rate (see `gnet_jax.GoogLeNet`).
-  Input/output fields: image_size (square side), preprocess ('inception': 0.875 centre
-  crop; 'small': resize), class_names (one per class, or empty).
-  """
-  num_classes: int = 1000
-  variant: str = 'paper'
-  aux_logits: bool = True
-  use_bn: bool = True
-  transform_input: bool = False
-  dropout_rate: float | None = None
-  aux_dropout_rate: float = 0.7
-  image_size: int = 224
-  preprocess: str = 'inception'
-  class_names: tuple[str, ...] = ()
-
-  # Fields whose difference makes another model's weights unusable here...
-  WEIGHT_FIELDS = ('variant', 'use_bn', 'transform_input')
-  # ...and those that only change heads (fine-tuning initialises them afresh).
-  HEAD_FIELDS = ('num_classes', 'aux_logits')
+class _Spec:
+  """ModelSpec's methods (its fields: GoogLeNet's options, then the input/output ones)."""
 
   def __post_init__(self):
     object.__setattr__(self, 'class_names', tuple(self.class_names))
@@ -58,26 +44,28 @@ class ModelSpec:
       raise ValueError(f'{len(self.class_names)} class names for {self.num_classes} classes.')
 
   @classmethod
-  def from_config(cls, config, num_classes: int, class_names=()) -> 'ModelSpec':
+  def from_config(cls, config, num_classes: int, class_names=()):
     """The spec of `config.model` for data with `num_classes` classes."""
-    m = config.model
-    return cls(num_classes=int(num_classes), variant=m.variant, aux_logits=bool(m.aux_logits),
-               use_bn=bool(m.use_bn), transform_input=bool(m.transform_input),
-               dropout_rate=m.dropout_rate, image_size=int(config.image_size),
-               preprocess=config.augment, class_names=tuple(class_names))
+    return cls(num_classes=int(num_classes), image_size=int(config.image_size),
+               preprocess=config.augment, class_names=tuple(class_names),
+               **{k: config.model[k] for k in network_options() if k not in FROM_DATA})
+
+  @staticmethod
+  def with_role(role: str) -> tuple[str, ...]:
+    """The network options of a `model.ROLES` role."""
+    assert role in ROLES, role
+    return tuple(k for k, f in network_options().items() if f.metadata['role'] == role)
 
   def model_kwargs(self) -> dict[str, Any]:
     """The keyword arguments of `GoogLeNet`, `init_fn` and `apply_fn`."""
-    return {k: getattr(self, k) for k in ('num_classes', 'variant', 'aux_logits', 'use_bn',
-                                          'transform_input', 'dropout_rate',
-                                          'aux_dropout_rate')}
+    return {k: getattr(self, k) for k in network_options()}
 
   def build(self, **runtime):
     """The GoogLeNet; `runtime` adds options that do not change its function (dtype,
-    conv_block, pool_block)."""
+    conv_block, pool_block, inception_block)."""
     return GoogLeNet(**self.model_kwargs(), **runtime)
 
-  def replace(self, **changes) -> 'ModelSpec':
+  def replace(self, **changes):
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
@@ -86,7 +74,7 @@ class ModelSpec:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict, where: str = 'the spec') -> 'ModelSpec':
+  def from_dict(cls, d: dict, where: str = 'the spec'):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -101,10 +89,43 @@ class ModelSpec:
     paths.write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + '\n')
 
   @classmethod
-  def load(cls, directory) -> 'ModelSpec':
+  def load(cls, directory):
     path = paths.path(directory) / SPEC_FILE
     if not path.exists():
       raise FileNotFoundError(
           f'{path} does not exist: {directory} is neither a training workdir nor a folder of '
           'converted weights (python -m gnet_jax.convert).')
     return cls.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+ModelSpec = dataclasses.make_dataclass(
+    'ModelSpec',
+    [(name, f.type, dataclasses.field(default=f.default))
+     for name, f in network_options().items()]
+    + [('image_size', 'int', dataclasses.field(default=224)),  # square side
+       ('preprocess', 'str', dataclasses.field(default='inception')),  # PREPROCESSING
+       ('class_names', 'tuple[str, ...]', dataclasses.field(default=()))],
+    bases=(_Spec,), frozen=True)
+ModelSpec.__module__ = __name__
+ModelSpec.__doc__ = """What defines a GoogLeNet and what it was trained for.
+
+Model fields (`model_kwargs()`): GoogLeNet's network options, with its defaults
+(`model.network_options`). Input/output fields: image_size (square side), preprocess
+('inception': 0.875 centre crop; 'small': resize), class_names (one per class, or empty).
+"""
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """config.model: GoogLeNet's network options with their defaults, but those the data
+  sets (FROM_DATA); an option whose default is None takes values of its declared type."""
+  hints = typing.get_type_hints(GoogLeNet)
+  out = ml_collections.ConfigDict()
+  for name, f in network_options().items():
+    if name in FROM_DATA:
+      continue
+    if f.default is None:
+      (kind,) = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+      out[name] = config_dict.placeholder(kind)
+    else:
+      out[name] = f.default
+  return out

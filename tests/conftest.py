@@ -58,10 +58,27 @@ def digits_data_dir(tmp_path_factory):
   return data_dir
 
 
+class Bucket(str):
+  """'gs://bucket' on the fake GCS; down() drops every connection to it until up()."""
+
+  def __new__(cls, proc):
+    bucket = super().__new__(cls, 'gs://bucket')
+    bucket.proc = proc
+    return bucket
+
+  def down(self):
+    self.proc.stdin.write('down\n')
+    self.proc.stdin.flush()
+
+  def up(self):
+    self.proc.stdin.write('up\n')
+    self.proc.stdin.flush()
+
+
 @pytest.fixture(scope='session')
 def gcs_bucket():
-  """'gs://bucket' on a fake GCS served on 127.0.0.1 (tests/gcs_emulator.py) for the
-  session; the test process's environment (and so its subprocesses') points at it."""
+  """'gs://bucket' (a `Bucket`) on a fake GCS served on 127.0.0.1 (tests/gcs_emulator.py)
+  for the session; the test process's environment (and so its subprocesses') points at it."""
   proc = subprocess.Popen([sys.executable, gcs_emulator.__file__], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
   try:
@@ -69,7 +86,7 @@ def gcs_bucket():
     env = gcs_emulator.client_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield 'gs://bucket'
+    yield Bucket(proc)
     for k, v in saved.items():
       if v is None:
         os.environ.pop(k, None)

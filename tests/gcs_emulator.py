@@ -1,7 +1,9 @@
 """A fake Google Cloud Storage on 127.0.0.1 for the gs:// tests (`gcp-storage-emulator`).
 
     python tests/gcs_emulator.py     # prints {"endpoint": "http://127.0.0.1:PORT"}, serves
-                                     # bucket "bucket" until its stdin closes
+                                     # bucket "bucket" until its stdin closes; a line
+                                     # 'down' on its stdin drops every connection until
+                                     # a line 'up' (a lost network, its data kept)
 
 It runs in a process of its own, so that the processes under test (train.py and the test
 process itself) reach it over HTTP like a real bucket. `OFFLINE_ENV` and `client_env`
@@ -15,7 +17,12 @@ import json
 import logging
 import socketserver
 import sys
+import threading
 from http import HTTPStatus
+
+# Set by a line 'down' on the emulator's stdin, cleared by 'up': while set, every
+# connection is closed without an answer, as when the network to the store is lost.
+DOWN = threading.Event()
 
 # Read when google-auth, gcsfs and etils are imported: set before they are.
 OFFLINE_ENV = {
@@ -92,6 +99,9 @@ def _patch(server) -> None:
   parse_request = server.RequestHandler.parse_request
 
   def answer_expect_continue(handler):
+    if DOWN.is_set():  # a lost connection: closed without an answer
+      handler.close_connection = True
+      return False
     # An HTTP/1.0 server does not answer "Expect: 100-continue": libcurl waited 1 s.
     ok = parse_request(handler)
     if ok and (handler.headers.get('Expect') or '').lower() == '100-continue':
@@ -111,7 +121,8 @@ def main() -> None:
   emulator.start()
   port = emulator._api._httpd.server_address[1]  # pylint: disable=protected-access
   print(json.dumps({'endpoint': f'http://127.0.0.1:{port}'}), flush=True)
-  sys.stdin.read()  # until the test closes our stdin (or dies)
+  for line in sys.stdin:  # until the test closes our stdin (or dies)
+    {'down': DOWN.set, 'up': DOWN.clear}[line.strip()]()
   emulator.stop()
 
 

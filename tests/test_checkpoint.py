@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import filelock
 import jax
@@ -22,36 +21,14 @@ import pytest
 
 from configs import quickstart
 from gnet_jax import ModelSpec, checkpoint, metrics
+from helpers import ROOT, finish, kill9, start_train as start, train_args, train_env, wait_for
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 
-def overrides(data_dir, workdir, steps=STEPS, every=3, log_every=2, eval_every=0):
-  return [f'--workdir={workdir}', f'--config.data_dir={data_dir}',
-          f'--config.num_train_steps={steps}', '--config.batch_size=16',
-          f'--config.log_every_steps={log_every}', f'--config.eval_every_steps={eval_every}',
-          f'--config.checkpoint_every_steps={every}',
-          '--config.steps_per_execution=2']  # calls of 1 and 2 steps between the saves
-
-
-def env_for(devices):
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-          'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'}
-
-
-def start(args, devices=1, **kwargs):
-  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/quickstart.py', *args],
-                          cwd=ROOT, env=env_for(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def finish(proc, ok=True):
-  out, _ = proc.communicate(timeout=900)
-  if ok:
-    assert proc.returncode == 0, out[-4000:]
-  return out
+def overrides(data_dir, workdir, steps=STEPS, **kwargs):
+  return train_args(data_dir, workdir, steps, **kwargs)
 
 
 def records(workdir):
@@ -77,23 +54,6 @@ def logged_steps(workdir):
 def finalized(workdir):
   d = checkpoint.checkpoint_dir(workdir)
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def wait_for(predicate, proc, what, timeout=600):
-  deadline = time.time() + timeout
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f'train.py ended before {what}: {proc.communicate()[0][-4000:]}')
-    if time.time() > deadline:
-      proc.kill()
-      raise AssertionError(f'timed out waiting for {what}')
-    time.sleep(0.005)
-
-
-def kill9(proc):
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  assert proc.returncode == -signal.SIGKILL
 
 
 def assert_same_variables(a, b):
@@ -150,7 +110,7 @@ def test_sigkill_at_three_moments_then_resume_is_exact(digits_data_dir, referenc
   # program writes to first without a size limit: train.py must still cache its steps.
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
   subprocess.run([sys.executable, '-c', 'import jax; jax.jit(lambda x: x * 3 + 1)(2.0)'],
-                 env=env_for(1), check=True)
+                 env=train_env(1), check=True)
   assert os.listdir(tmp_path / 'jax_cache')
 
   # 1. Before the first checkpoint: step 2 is logged, no checkpoint is finalized yet.
@@ -246,7 +206,7 @@ def test_sigterm_saves_and_exits_cleanly_and_restores_on_other_device_counts(
 
   def restore_with(devices, target, steps):
     return subprocess.Popen([sys.executable, '-c', script, target, str(steps)], cwd=ROOT,
-                            env={**env_for(devices), 'PYTHONPATH': ROOT},
+                            env={**train_env(devices), 'PYTHONPATH': ROOT},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
   def checksum(tree):

@@ -13,9 +13,9 @@ import flax.linen
 import numpy as np
 import pytest
 
-from gnet_jax import cpu, layers
+from gnet_jax import cpu
 from gnet_jax import model as model_lib
-from gnet_jax.cpu import blocks, build, ops
+from gnet_jax.cpu import blocks, build, ops, pool
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +253,7 @@ def test_programs_for_gpu_and_tpu_get_xla_ops(monkeypatch):
     y, _, _ = ops.batch_norm_relu(
         y, ones, ones, ones, ones, epsilon=1e-3, momentum=0.9,
         fallback=functools.partial(blocks.batch_norm_relu, epsilon=1e-3, momentum=0.9))
-    y = ops.max_pool(y, 3, 2, pad, fallback=layers.max_pool_gathered)
+    y = ops.max_pool(y, 3, 2, pad, fallback=pool.max_pool_gathered)
     return ops.conv_bias_relu(y, w, ones, (1, 1), pad).sum()
 
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
@@ -273,13 +273,20 @@ def test_model_blocks_decide_per_platform_and_device_count():
   one_cpu, eight_cpus = [_Device('cpu')], [_Device('cpu')] * 8
   onednn = {'conv_block': blocks.OneDNNConv, 'pool_block': blocks.OneDNNMaxPool}
   assert cpu.model_blocks('auto', one_cpu) == onednn
-  assert cpu.model_blocks('auto', eight_cpus) == {'pool_block': layers.GatherMaxPool}
-  assert cpu.model_blocks('xla', one_cpu) == {'pool_block': layers.GatherMaxPool}
+  assert cpu.model_blocks('auto', eight_cpus) == {'pool_block': pool.GatherMaxPool}
+  assert cpu.model_blocks('xla', one_cpu) == {'pool_block': pool.GatherMaxPool}
   assert cpu.model_blocks('onednn', eight_cpus) == onednn
   for platform in ('tpu', 'gpu'):  # the model's own blocks, whatever the choice
     assert cpu.model_blocks('onednn', [_Device(platform)]) == {}
   with pytest.raises(ValueError, match="cpu_convolutions must be one of .*'mkl'"):
     cpu.model_blocks('mkl', one_cpu)
+
+
+def test_backends_started_without_jaxs_private_answer(monkeypatch):
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  assert cpu.flags.backends_started() is xla_bridge.backends_are_initialized()
+  monkeypatch.delattr(xla_bridge, 'backends_are_initialized')
+  assert cpu.flags.backends_started() is False
 
 
 def test_the_model_never_imports_the_cpu_plugin():

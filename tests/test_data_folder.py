@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default as default_config
-from gnet_jax import data as ip
+from gnet_jax import data
+from gnet_jax import images as images_lib
+from helpers import data_config
 
 
 def write_image(path, rgb=(0, 0, 0), size=(12, 10), mode='RGB', fmt=None, **save):
@@ -39,19 +40,14 @@ def make_folder(root, layout):
 
 
 def make_config(root, **overrides):
-  config = default_config.get_config()
-  config.dataset = f'folder:{root}'
-  config.image_size = 8
-  config.augment = 'inception'
-  config.batch_size = 4
-  config.update(overrides)
-  return config
+  return data_config(f'folder:{root}', **{'image_size': 8, 'augment': 'inception',
+                                          'batch_size': 4, **overrides})
 
 
 def pixels(image):
   """Normalised images back to 0..255 RGB."""
-  return (np.asarray(image, np.float32) * np.array(ip.STDDEV_RGB) +
-          np.array(ip.MEAN_RGB)) * 255
+  return (np.asarray(image, np.float32) * np.array(images_lib.STDDEV_RGB) +
+          np.array(images_lib.MEAN_RGB)) * 255
 
 
 def row_ids(batch, mask=True):
@@ -65,7 +61,7 @@ def row_ids(batch, mask=True):
 
 def eval_ids(config, process_index=0, process_count=1):
   out_ids, out_labels = [], []
-  for batch in ip.create_eval_iterator(config, process_index=process_index,
+  for batch in data.create_eval_iterator(config, process_index=process_index,
                                        process_count=process_count):
     ids, labels = row_ids(batch)
     out_ids.extend(ids.tolist())
@@ -80,7 +76,7 @@ def test_labels_follow_sorted_class_folders(tmp_path):
   ids = make_folder(tmp_path, {'train': {'zebra': 3, 'cat': 4, 'dog': 2},
                                'validation': {'dog': 2, 'cat': 2, 'zebra': 1}})
   config = make_config(tmp_path)
-  info = ip.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   assert info.class_names == ['cat', 'dog', 'zebra'] and info.num_classes == 3
   assert (info.num_train_examples, info.num_eval_examples) == (9, 5)
   assert info.random_flip
@@ -96,7 +92,7 @@ def test_eval_exactly_once_over_processes(tmp_path):
   val = sorted(i for i, (s, _) in ids.items() if s == 'validation')
   seen, lengths = [], []
   for pi in range(3):
-    iterator = ip.create_eval_iterator(config, process_index=pi, process_count=3)
+    iterator = data.create_eval_iterator(config, process_index=pi, process_count=3)
     lengths.append(len(iterator))
     batches = list(iterator)
     assert len(batches) == len(iterator)
@@ -111,8 +107,8 @@ def test_eval_exactly_once_over_processes(tmp_path):
 def test_processes_split_each_global_batch_and_an_epoch_is_the_split(tmp_path):
   ids = make_folder(tmp_path, {'train': {'a': 10, 'b': 14}, 'validation': {'a': 1}})
   config = make_config(tmp_path, batch_size=12)  # 3 processes x 4 rows; an epoch is 2 batches.
-  single = ip.create_train_iterator(config, process_index=0, process_count=1)
-  per_process = [ip.create_train_iterator(config, process_index=pi, process_count=3)
+  single = data.create_train_iterator(config, process_index=0, process_count=1)
+  per_process = [data.create_train_iterator(config, process_index=pi, process_count=3)
                  for pi in range(3)]
   epoch_ids = []
   for _ in range(2):
@@ -130,10 +126,10 @@ def test_processes_split_each_global_batch_and_an_epoch_is_the_split(tmp_path):
 def test_positioning(tmp_path):
   make_folder(tmp_path, {'train': {'a': 7, 'b': 6}, 'validation': {'a': 1}})
   config = make_config(tmp_path, batch_size=4)  # 13 examples: epochs end mid-batch.
-  reference = [next(it) for it in [ip.create_train_iterator(config, process_index=0,
+  reference = [next(it) for it in [data.create_train_iterator(config, process_index=0,
                                                             process_count=1)] * 12]
   for start in (3, 7):
-    it = ip.create_train_iterator(config, start_step=start, process_index=0, process_count=1)
+    it = data.create_train_iterator(config, start_step=start, process_index=0, process_count=1)
     for k in range(start, start + 3):
       batch = next(it)
       np.testing.assert_array_equal(batch['image'], reference[k]['image'])
@@ -143,7 +139,7 @@ def test_positioning(tmp_path):
 def test_split_slicing(tmp_path):
   make_folder(tmp_path, {'train': {'a': 10, 'b': 10}})
   config = make_config(tmp_path, train_split='train[:75%]', eval_split='train[75%:]')
-  info = ip.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   assert (info.num_train_examples, info.num_eval_examples) == (15, 5)
   held_out, _ = eval_ids(config)
   train_ids, _ = eval_ids(make_config(tmp_path, eval_split='train[:75%]'))
@@ -192,17 +188,17 @@ def _formats(root):
 def test_image_formats_become_rgb(tmp_path, augment):
   expected = _formats(tmp_path)
   config = make_config(tmp_path, augment=augment, batch_size=len(expected) + 1)
-  batch = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  batch = next(data.create_eval_iterator(config, process_index=0, process_count=1))
   assert batch['mask'].sum() == len(expected)
   got = pixels(batch['image'][batch['mask']]).reshape(len(expected), -1, 3)
   # Rows come in the folder's (seeded) order: match them by file through the source.
-  source = ip.build_source(config)
-  files = [os.path.basename(p) for p in source.local_arrays('validation', 0, 1)['path']]
+  source = data.build_source(config)
+  files = [os.path.basename(p) for p in source.arrays('validation')['path']]
   for name, rows in zip(files, got):
     rgb, tol = expected[name]
     np.testing.assert_allclose(rows.mean(axis=0), rgb, atol=tol, err_msg=name)
   # And the train pipeline (random crops of a 2x3 image included) neither crashes.
-  train = ip.create_train_iterator(make_config(tmp_path, augment=augment, batch_size=4,
+  train = data.create_train_iterator(make_config(tmp_path, augment=augment, batch_size=4,
                                                train_split='validation'),
                                    process_index=0, process_count=1)
   for _ in range(4):
@@ -221,9 +217,9 @@ def test_large_shrinks_do_not_alias(tmp_path, fmt):
     path.parent.mkdir(parents=True)
     Image.fromarray(stripes).save(path, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
   config = make_config(tmp_path, image_size=64, batch_size=1, input_dtype='uint8')
-  image = next(ip.create_eval_iterator(config, process_index=0, process_count=1))['image']
+  image = next(data.create_eval_iterator(config, process_index=0, process_count=1))['image']
   assert abs(image.mean() - 127.5) < 8 and image.std() < 8, (image.mean(), image.std())
-  train = next(ip.create_train_iterator(config, process_index=0, process_count=1))['image']
+  train = next(data.create_train_iterator(config, process_index=0, process_count=1))['image']
   assert train.std() < 12, train.std()
 
 
@@ -237,7 +233,7 @@ def test_complete_jpeg_with_trailing_bytes_is_read(tmp_path):
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_bytes(photo_jpeg(3) + tail)
   config = make_config(tmp_path, image_size=224, batch_size=2, input_dtype='uint8')
-  batch = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  batch = next(data.create_eval_iterator(config, process_index=0, process_count=1))
   assert batch['mask'].all()
   difference = np.abs(batch['image'][0].astype(int) - batch['image'][1])
   assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4
@@ -268,22 +264,22 @@ def test_broken_folder_is_a_clear_error(tmp_path, breakage, message):
   _good(tmp_path)
   breakage(str(tmp_path))
   with pytest.raises(ValueError, match=message):
-    ip.create_train_iterator(make_config(tmp_path), process_index=0, process_count=1)
+    data.create_train_iterator(make_config(tmp_path), process_index=0, process_count=1)
   with pytest.raises(ValueError, match=message):
-    ip.get_dataset_info(make_config(tmp_path))
+    data.get_dataset_info(make_config(tmp_path))
 
 
 def test_missing_or_empty_root(tmp_path):
   with pytest.raises(ValueError, match='does not exist'):
-    ip.get_dataset_info(make_config(tmp_path / 'nowhere'))
+    data.get_dataset_info(make_config(tmp_path / 'nowhere'))
   with pytest.raises(ValueError, match='no split folders'):
-    ip.get_dataset_info(make_config(tmp_path))
+    data.get_dataset_info(make_config(tmp_path))
 
 
 def test_missing_split_lists_the_splits(tmp_path):
   make_folder(tmp_path, {'train': {'a': 2}, 'val': {'a': 1}})
   with pytest.raises(ValueError, match=r"config.eval_split='validation'.*\['train', 'val'\]"):
-    ip.get_dataset_info(make_config(tmp_path))
+    data.get_dataset_info(make_config(tmp_path))
 
 
 def test_hidden_files_and_folders_are_ignored(tmp_path):
@@ -291,7 +287,7 @@ def test_hidden_files_and_folders_are_ignored(tmp_path):
   open(os.path.join(tmp_path, 'train', 'a', '.DS_Store'), 'w').write('x')
   os.makedirs(os.path.join(tmp_path, 'train', '.ipynb_checkpoints'))
   os.makedirs(os.path.join(tmp_path, '.cache'))
-  info = ip.get_dataset_info(make_config(tmp_path))
+  info = data.get_dataset_info(make_config(tmp_path))
   assert info.class_names == ['a', 'b'] and info.num_train_examples == 6
 
 
@@ -320,8 +316,8 @@ def test_corrupt_image_stops_with_its_name(tmp_path):
   config = make_config(tmp_path)
   with pytest.raises(ValueError, match=r'Cannot decode image .*bad_0[01]\.(png|jpg).*'
                                        r'skip_corrupt_images'):
-    list(ip.create_eval_iterator(config, process_index=0, process_count=1))
-  train = ip.create_train_iterator(config, process_index=0, process_count=1)
+    list(data.create_eval_iterator(config, process_index=0, process_count=1))
+  train = data.create_train_iterator(config, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r'Cannot decode image .*bad_0[01]'):
     for _ in range(10):  # 22 files, batch 4: a bad one comes within an epoch.
       next(train)
@@ -341,14 +337,14 @@ def test_skip_corrupt_images_train_keeps_batches_and_positions(tmp_path, caplog)
   ids, _ = _with_bad_files(tmp_path)
   config = make_config(tmp_path, skip_corrupt_images=True, batch_size=4)
   with caplog.at_level(logging.WARNING, logger='gnet_jax.data.pipeline'):
-    it = ip.create_train_iterator(config, process_index=0, process_count=1)
+    it = data.create_train_iterator(config, process_index=0, process_count=1)
     reference = [next(it) for _ in range(12)]  # Two epochs of 22.
   assert 'unreadable images skipped so far' in caplog.text
   for batch in reference:
     assert batch['image'].shape == (4, 8, 8, 3)
     got, labels = row_ids(batch)
     assert all(ids[i] == ('train', 'ab'[lab]) for i, lab in zip(got, labels))
-  resumed = ip.create_train_iterator(config, start_step=5, process_index=0, process_count=1)
+  resumed = data.create_train_iterator(config, start_step=5, process_index=0, process_count=1)
   for k in range(5, 9):
     np.testing.assert_array_equal(next(resumed)['image'], reference[k]['image'])
 
@@ -357,7 +353,7 @@ def test_many_corrupt_images_are_an_error_even_when_skipping(tmp_path):
   _with_bad_files(tmp_path, n_good=20, n_bad=12)
   config = make_config(tmp_path, skip_corrupt_images=True, batch_size=32)
   with pytest.raises(ValueError, match=r'12 of the 32 images .* unreadable'):
-    list(ip.create_eval_iterator(config, process_index=0, process_count=1))
+    list(data.create_eval_iterator(config, process_index=0, process_count=1))
 
 
 def test_a_batch_of_only_corrupt_images_is_an_error(tmp_path):
@@ -369,7 +365,7 @@ def test_a_batch_of_only_corrupt_images_is_an_error(tmp_path):
       open(path, 'wb').write(b'\xff\xd8\xff\xe0 not really a jpeg')
   config = make_config(root, skip_corrupt_images=True, batch_size=4)
   with pytest.raises(ValueError, match='Every image of a batch'):
-    next(ip.create_train_iterator(config, process_index=0, process_count=1))
+    next(data.create_train_iterator(config, process_index=0, process_count=1))
 
 
 # --- truncated JPEGs: reported whatever crop window is drawn ----------------------
@@ -413,19 +409,19 @@ def test_truncated_jpeg_is_reported_whatever_the_crop(tmp_path, fraction, caplog
     whole = photo_jpeg(99)
     (tmp_path / split / 'a' / 'cut.jpg').write_bytes(whole[:int(len(whole) * fraction)])
   config = make_config(tmp_path, batch_size=8, image_size=32)  # one batch = one epoch
-  source = ip.build_source(config)
+  source = data.build_source(config)
   for epoch in range(20):
     with pytest.raises(ValueError, match=r'Cannot decode image .*cut\.jpg') as error:
-      next(ip.create_train_iterator(config, source=source, start_step=epoch,
+      next(data.create_train_iterator(config, source=source, start_step=epoch,
                                     process_index=0, process_count=1))
   assert 'truncated JPEG' in str(error.value)
   with pytest.raises(ValueError, match=r'cut\.jpg'):
-    list(ip.create_eval_iterator(config, source=source, process_index=0, process_count=1))
+    list(data.create_eval_iterator(config, source=source, process_index=0, process_count=1))
   with pytest.raises(ValueError, match='truncated JPEG'):
-    ip.preprocess_image((tmp_path / 'validation' / 'a' / 'cut.jpg').read_bytes(), 224)
+    data.preprocess_image((tmp_path / 'validation' / 'a' / 'cut.jpg').read_bytes(), 224)
   skipping = make_config(tmp_path, batch_size=8, image_size=32, skip_corrupt_images=True)
   with caplog.at_level(logging.WARNING, logger='gnet_jax.data.pipeline'):
-    it = ip.create_train_iterator(skipping, process_index=0, process_count=1)
+    it = data.create_train_iterator(skipping, process_index=0, process_count=1)
     for _ in range(8):  # 8 epochs: the cut file is skipped (and counted) in each
       assert next(it)['image'].shape == (8, 32, 32, 3)
   assert '8 unreadable images skipped so far' in caplog.text

@@ -7,10 +7,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import default as default_config
 from gnet_jax import data
 from gnet_jax.data import __main__ as data_main
 from gnet_jax.data import resized
+from helpers import data_config
 
 # name -> (split, class, size, format): larger and smaller than the copy's max side of 64
 IMAGES = {
@@ -70,9 +70,8 @@ def test_copy_has_the_splits_labels_and_smaller_images(folder, tmp_path, capsys)
 
 def test_the_copy_trains_through_the_same_pipeline(folder, tmp_path):
   copy_of(folder, tmp_path / 'tfds')
-  config = default_config.get_config()
-  config.update(dataset='photos_max64', data_dir=str(tmp_path / 'tfds'), image_size=32,
-                batch_size=3, input_dtype='uint8')
+  config = data_config('photos_max64', data_dir=str(tmp_path / 'tfds'), image_size=32,
+                       batch_size=3, input_dtype='uint8')
   info = data.get_dataset_info(config)
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (2, 3, 2)
   batch = next(data.create_train_iterator(config, process_index=0, process_count=1))
@@ -95,4 +94,4 @@ def test_copy_names():
   assert resized.copy_name('imagenet2012', 320) == 'imagenet2012_max320'
   assert resized.copy_name('imagenette/320px-v2', 256) == 'imagenette_320px_v2_max256'
   assert resized.copy_name('folder:/data/My Photos/', 512) == 'my_photos_max512'
-  assert data.sources.original_name('mnist_max256') == 'mnist'
+  assert data.source.original_name('mnist_max256') == 'mnist'

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import default as default_config
-from gnet_jax import data as ip
+from gnet_jax import data
+from helpers import data_config
 
 METADATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'tfds_metadata')
 NUM_MOCK = 10
@@ -27,13 +27,8 @@ def mocked():
 
 
 def make_config(dataset, **overrides):
-  config = default_config.get_config()
-  config.dataset = dataset
-  config.image_size = 32
-  config.batch_size = 4
-  config.shuffle_buffer = 8
-  config.update(overrides)
-  return config
+  return data_config(dataset, **{'image_size': 32, 'batch_size': 4, 'shuffle_buffer': 8,
+                                 **overrides})
 
 
 @pytest.mark.parametrize('dataset,eval_split,num_classes,num_train,augment,flip', [
@@ -47,21 +42,21 @@ def make_config(dataset, **overrides):
 def test_registered_dataset(mocked, dataset, eval_split, num_classes, num_train, augment,
                             flip):
   config = make_config(dataset, eval_split=eval_split, augment=augment)
-  info = ip.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   builder = tfds.builder(dataset)
   assert info.num_classes == num_classes == builder.info.features['label'].num_classes
   assert info.class_names == builder.info.features['label'].names
   assert info.num_train_examples == num_train
   assert info.num_eval_examples == builder.info.splits[eval_split].num_examples
   assert info.random_flip is flip
-  train = ip.create_train_iterator(config, process_index=0, process_count=1)
+  train = data.create_train_iterator(config, process_index=0, process_count=1)
   for _ in range(4):  # More than an epoch of the 10 mocked examples.
     batch = next(train)
     assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
     assert batch['label'].dtype == np.int32
     assert 0 <= batch['label'].min() and batch['label'].max() < num_classes
     assert np.isfinite(batch['image']).all()
-  evaluation = ip.create_eval_iterator(config, process_index=0, process_count=1)
+  evaluation = data.create_eval_iterator(config, process_index=0, process_count=1)
   batches = list(evaluation)
   assert len(batches) == len(evaluation) == 3  # 10 examples, batches of 4.
   assert sum(int(b['mask'].sum()) for b in batches) == NUM_MOCK
@@ -69,10 +64,10 @@ def test_registered_dataset(mocked, dataset, eval_split, num_classes, num_train,
 
 def test_streamed_positioning_and_determinism(mocked):
   config = make_config('cifar10', augment='small', eval_split='test')
-  reference = [next(it) for it in [ip.create_train_iterator(
+  reference = [next(it) for it in [data.create_train_iterator(
       config, process_index=0, process_count=1)] * 8]
   for start in (2, 5):  # 10 examples, batch 4: epochs end mid-batch.
-    it = ip.create_train_iterator(config, start_step=start, process_index=0, process_count=1)
+    it = data.create_train_iterator(config, start_step=start, process_index=0, process_count=1)
     for k in range(start, start + 3):
       batch = next(it)
       np.testing.assert_array_equal(batch['image'], reference[k]['image'])
@@ -102,19 +97,19 @@ def test_label_outside_range_is_an_error():
     config = make_config('cifar10', augment='small', eval_split='test', batch_size=8)
     with pytest.raises(ValueError, match=r"Example cifar10:cifar10-.*__3 of cifar10 split "
                                          r"'train' has label 12, outside \[0, 10\)"):
-      next(ip.create_train_iterator(config, process_index=0, process_count=1))
+      next(data.create_train_iterator(config, process_index=0, process_count=1))
     with pytest.raises(ValueError, match=r'label 12, outside \[0, 10\)'):
-      list(ip.create_eval_iterator(config, process_index=0, process_count=1))
+      list(data.create_eval_iterator(config, process_index=0, process_count=1))
 
 
 def test_not_an_image_classification_dataset(mocked):
   with pytest.raises(ValueError, match='not an image-classification dataset'):
-    ip.get_dataset_info(make_config('imdb_reviews'))
+    data.get_dataset_info(make_config('imdb_reviews'))
 
 
 def test_unknown_dataset_name():
   with pytest.raises(ValueError, match=r"config.dataset='cifar11' is not a tfds dataset"):
-    ip.get_dataset_info(make_config('cifar11'))
+    data.get_dataset_info(make_config('cifar11'))
 
 
 # --- ImageNet's manual directory ---------------------------------------------------
@@ -123,7 +118,7 @@ def test_unknown_dataset_name():
 def test_imagenet_without_manual_dir(tmp_path):
   config = make_config('imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(ValueError) as e:
-    ip.get_dataset_info(config)
+    data.get_dataset_info(config)
   message = str(e.value)
   assert 'config.manual_dir is not set' in message
   assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
@@ -134,7 +129,7 @@ def test_imagenet_manual_dir_missing(tmp_path):
   config = make_config('imagenet2012', data_dir=str(tmp_path / 'tfds'),
                        manual_dir=str(tmp_path / 'nowhere'))
   with pytest.raises(ValueError, match=r"config.manual_dir='.*nowhere' does not exist"):
-    ip.create_train_iterator(config, process_index=0, process_count=1)
+    data.create_train_iterator(config, process_index=0, process_count=1)
 
 
 def test_imagenet_manual_dir_without_archives(tmp_path):
@@ -144,7 +139,7 @@ def test_imagenet_manual_dir_without_archives(tmp_path):
   config = make_config('imagenet2012', data_dir=str(tmp_path / 'tfds'),
                        manual_dir=str(manual))
   with pytest.raises(ValueError, match=r'lacks ILSVRC2012_img_train.tar \(needs'):
-    ip.get_dataset_info(config)
+    data.get_dataset_info(config)
 
 
 def _fake_imagenet_archives(manual):
@@ -158,10 +153,10 @@ def _fake_imagenet_archives(manual):
     Image.new('RGB', (40, 30), (value, value, value)).save(out, 'JPEG')
     return out.getvalue()
 
-  def add(tar, name, data):
+  def add(tar, name, content):
     info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+    info.size = len(content)
+    tar.addfile(info, io.BytesIO(content))
 
   with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as outer:
     for synset in ('n01440764', 'n01443537'):
@@ -181,10 +176,10 @@ def test_imagenet_prepared_from_manual_dir(tmp_path):
   _fake_imagenet_archives(manual)
   config = make_config('imagenet2012', data_dir=str(tmp_path / 'tfds'),
                        manual_dir=str(manual), batch_size=2)
-  info = ip.get_dataset_info(config)  # Prepares from the archives, once.
+  info = data.get_dataset_info(config)  # Prepares from the archives, once.
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 4)
   assert (tmp_path / 'tfds' / 'imagenet2012').is_dir()
-  train = ip.create_train_iterator(config, process_index=0, process_count=1)
+  train = data.create_train_iterator(config, process_index=0, process_count=1)
   labels = {int(label) for _ in range(6) for label in next(train)['label']}
   assert {info.class_names[label] for label in labels} == {'n01440764', 'n01443537'}
   # Validation labels come from tfds's list, in the order of the file names.
@@ -192,6 +187,6 @@ def test_imagenet_prepared_from_manual_dir(tmp_path):
                          'validation_labels.txt')) as f:
     expected = sorted(f.read().split()[:4])
   got = [info.class_names[int(label)]
-         for batch in ip.create_eval_iterator(config, process_index=0, process_count=1)
+         for batch in data.create_eval_iterator(config, process_index=0, process_count=1)
          for label in batch['label'][batch['mask']]]
   assert sorted(got) == expected

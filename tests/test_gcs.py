@@ -10,11 +10,14 @@ import pytest
 from etils import epath
 
 from gnet_jax import checkpoint, export, metrics, paths, predict
-from test_checkpoint import finish, kill9, overrides, start, wait_for
+from helpers import ROOT, finish, kill9, start_train as start, train_args, wait_for
 
 pytestmark = pytest.mark.slow
+STEPS = 8  # test_checkpoint's run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def overrides(data_dir, workdir):
+  return train_args(data_dir, workdir, STEPS)
 
 
 def records(workdir):  # test_checkpoint's reads local files only

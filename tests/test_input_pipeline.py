@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import default as default_config
-from gnet_jax import data as ip
+from gnet_jax import data
 from gnet_jax import images as images_lib
 from gnet_jax.data import digits
+from helpers import data_config
 
-LOW = min((0 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
-HIGH = max((1 - m) / s for m, s in zip(ip.MEAN_RGB, ip.STDDEV_RGB))
+LOW = min((0 - m) / s for m, s in zip(images_lib.MEAN_RGB, images_lib.STDDEV_RGB))
+HIGH = max((1 - m) / s for m, s in zip(images_lib.MEAN_RGB, images_lib.STDDEV_RGB))
 
 
 @pytest.fixture(scope='session')
@@ -33,16 +33,9 @@ def digits_dir(tmp_path_factory):
 
 
 def make_config(data_dir, **overrides):
-  config = default_config.get_config()
-  config.dataset = 'digits'
-  config.data_dir = data_dir
-  config.eval_split = 'test'
-  config.image_size = 32
-  config.augment = 'small'
-  config.batch_size = 32
-  config.shuffle_buffer = 256
-  config.update(overrides)
-  return config
+  return data_config('digits', **{'data_dir': data_dir, 'eval_split': 'test', 'image_size': 32,
+                                  'augment': 'small', 'batch_size': 32, 'shuffle_buffer': 256,
+                                  **overrides})
 
 
 def take(iterator, n):
@@ -84,7 +77,7 @@ def test_digits_builder_writes_documented_split(digits_dir):
 
 
 def test_dataset_info(digits_dir):
-  info = ip.get_dataset_info(make_config(digits_dir))
+  info = data.get_dataset_info(make_config(digits_dir))
   assert info.num_classes == 10
   assert info.class_names == [str(d) for d in range(10)]
   assert (info.num_train_examples, info.num_eval_examples) == (1433, 364)
@@ -97,7 +90,7 @@ def test_dataset_info(digits_dir):
 @pytest.mark.parametrize('augment', ['small', 'inception'])
 def test_train_batch_shapes_dtypes_ranges(digits_dir, augment):
   config = make_config(digits_dir, augment=augment)
-  batches = take(ip.create_train_iterator(config, process_index=0, process_count=1), 3)
+  batches = take(data.create_train_iterator(config, process_index=0, process_count=1), 3)
   for batch in batches:
     assert set(batch) == {'image', 'label'}
     assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.float32
@@ -109,16 +102,16 @@ def test_train_batch_shapes_dtypes_ranges(digits_dir, augment):
   images = np.concatenate([b['image'] for b in batches])
   assert images.min() < LOW + 0.1 and images.max() > HIGH - 0.5
   # Gray input becomes RGB: the three channels carry the same pixel.
-  pixels = images * np.array(ip.STDDEV_RGB) + np.array(ip.MEAN_RGB)
+  pixels = images * np.array(images_lib.STDDEV_RGB) + np.array(images_lib.MEAN_RGB)
   np.testing.assert_allclose(pixels[..., 0], pixels[..., 1], atol=1e-4)
 
 
 def test_bfloat16_output(digits_dir):
   config = make_config(digits_dir, input_dtype='bfloat16')
-  batch = next(ip.create_train_iterator(config, process_index=0, process_count=1))
+  batch = next(data.create_train_iterator(config, process_index=0, process_count=1))
   assert batch['image'].dtype == jnp.bfloat16
   assert batch['label'].dtype == np.int32
-  evaluation = next(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  evaluation = next(data.create_eval_iterator(config, process_index=0, process_count=1))
   assert evaluation['image'].dtype == jnp.bfloat16
 
 
@@ -126,19 +119,19 @@ def test_uint8_output_is_the_float_output_rounded(digits_dir):
   """config.input_dtype='uint8': the same preprocessing, its pixels rounded, normalised
   later on the device."""
   for train in (True, False):
-    create = ip.create_train_iterator if train else ip.create_eval_iterator
+    create = data.create_train_iterator if train else data.create_eval_iterator
     pixels, floats = (next(iter(create(make_config(digits_dir, input_dtype=dtype),
                                        process_index=0, process_count=1)))
                       for dtype in ('uint8', 'float32'))
     assert pixels['image'].dtype == np.uint8 and pixels['image'].shape == (32, 32, 32, 3)
     np.testing.assert_array_equal(pixels['label'], floats['label'])
     np.testing.assert_allclose(images_lib.normalize(pixels['image']), floats['image'],
-                               atol=0.5 / 255 / min(ip.STDDEV_RGB) + 1e-5)
+                               atol=0.5 / 255 / min(images_lib.STDDEV_RGB) + 1e-5)
 
 
 def test_eval_batch_shapes_and_values(digits_dir):
   config = make_config(digits_dir, batch_size=100)
-  batches = list(ip.create_eval_iterator(config, process_index=0, process_count=1))
+  batches = list(data.create_eval_iterator(config, process_index=0, process_count=1))
   assert len(batches) == 4  # 364 examples: 3 full batches and one of 64 + 36 padding.
   for batch in batches:
     assert set(batch) == {'image', 'label', 'mask'}
@@ -158,11 +151,11 @@ def test_eval_batch_shapes_and_values(digits_dir):
 def test_same_seed_same_batches_and_positioning(digits_dir, cache):
   # 1433 examples, batch 32: epoch 0 ends inside batch 44; check 43-46 around it.
   config = make_config(digits_dir, cache=cache)
-  reference = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
-  again = take(ip.create_train_iterator(config, process_index=0, process_count=1), 47)
+  reference = take(data.create_train_iterator(config, process_index=0, process_count=1), 47)
+  again = take(data.create_train_iterator(config, process_index=0, process_count=1), 47)
   assert_same_batches(reference, again)
   for start in (1, 43, 45):
-    resumed = take(ip.create_train_iterator(config, start_step=start, process_index=0,
+    resumed = take(data.create_train_iterator(config, start_step=start, process_index=0,
                                             process_count=1), 2)
     assert_same_batches(resumed, reference[start:start + 2])
   # Epoch 1 is another order: the second epoch's first batch is a new one.
@@ -172,15 +165,15 @@ def test_same_seed_same_batches_and_positioning(digits_dir, cache):
 def test_positioning_in_a_later_epoch_and_other_process(digits_dir):
   config = make_config(digits_dir, batch_size=64, cache=True)
   kwargs = dict(process_index=1, process_count=2)  # 718 examples, 32 a batch.
-  reference = take(ip.create_train_iterator(config, **kwargs), 70)  # Three epochs.
-  resumed = take(ip.create_train_iterator(config, start_step=67, **kwargs), 3)
+  reference = take(data.create_train_iterator(config, **kwargs), 70)  # Three epochs.
+  resumed = take(data.create_train_iterator(config, start_step=67, **kwargs), 3)
   assert_same_batches(resumed, reference[67:70])
 
 
 def test_other_seed_other_batches(digits_dir):
-  a = next(ip.create_train_iterator(make_config(digits_dir, seed=0), process_count=1,
+  a = next(data.create_train_iterator(make_config(digits_dir, seed=0), process_count=1,
                                     process_index=0))
-  b = next(ip.create_train_iterator(make_config(digits_dir, seed=1), process_count=1,
+  b = next(data.create_train_iterator(make_config(digits_dir, seed=1), process_count=1,
                                     process_index=0))
   assert not np.array_equal(a['label'], b['label'])
 
@@ -188,11 +181,11 @@ def test_other_seed_other_batches(digits_dir):
 _HASH_BATCHES = '''
 import hashlib, sys
 from configs import default
-from gnet_jax import data as ip
+from gnet_jax import data
 config = default.get_config()
 config.update(dict(dataset='digits', data_dir=sys.argv[1], eval_split='test', image_size=32,
                    augment='inception', batch_size=32, shuffle_buffer=300, seed=7))
-it = ip.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
+it = data.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
 h = hashlib.sha1()
 for _ in range(3):
   batch = next(it)
@@ -205,7 +198,7 @@ print(h.hexdigest())
 @pytest.mark.slow
 def test_same_batches_in_another_run(digits_dir):
   config = make_config(digits_dir, augment='inception', shuffle_buffer=300, seed=7)
-  it = ip.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
+  it = data.create_train_iterator(config, start_step=40, process_index=1, process_count=2)
   h = hashlib.sha1()
   for _ in range(3):
     batch = next(it)
@@ -221,9 +214,9 @@ def test_same_batches_in_another_run(digits_dir):
 def test_random_flip_setting(digits_dir):
   default = make_config(digits_dir)
   forced = make_config(digits_dir, random_flip=True)
-  assert ip.get_dataset_info(forced).random_flip is True
-  a = next(ip.create_train_iterator(default, process_index=0, process_count=1))
-  b = next(ip.create_train_iterator(forced, process_index=0, process_count=1))
+  assert data.get_dataset_info(forced).random_flip is True
+  a = next(data.create_train_iterator(default, process_index=0, process_count=1))
+  b = next(data.create_train_iterator(forced, process_index=0, process_count=1))
   np.testing.assert_array_equal(a['label'], b['label'])  # Same examples, same crops,
   flipped = [not np.array_equal(x, y) for x, y in zip(a['image'], b['image'])]
   assert 0 < sum(flipped) < len(flipped)  # about half of them mirrored.
@@ -234,10 +227,10 @@ def test_random_flip_setting(digits_dir):
 
 def test_tf_global_seed_does_not_matter(digits_dir):
   config = make_config(digits_dir)
-  a = take(ip.create_train_iterator(config, process_index=0, process_count=1), 2)
+  a = take(data.create_train_iterator(config, process_index=0, process_count=1), 2)
   tf.random.set_seed(42)
   try:
-    b = take(ip.create_train_iterator(config, process_index=0, process_count=1), 2)
+    b = take(data.create_train_iterator(config, process_index=0, process_count=1), 2)
   finally:
     tf.random.set_seed(None)
   assert_same_batches(a, b)
@@ -247,12 +240,12 @@ def test_tf_global_seed_does_not_matter(digits_dir):
 
 
 def _keys(source, split, pi, pc):
-  return [k for k in source.local_dataset(split, pi, pc).map(lambda ex: ex['key'])
+  return [k for k in source.records(split, pi, pc).map(lambda ex: ex['key'])
           .as_numpy_iterator()]
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(digits_dir):
-  source = ip.build_source(make_config(digits_dir))
+  source = data.build_source(make_config(digits_dir))
   for split, total in (('train', 1433), ('test', 364)):
     shards = [_keys(source, split, pi, 3) for pi in range(3)]
     assert sorted(map(len, shards), reverse=True) == [len(s) for s in shards]
@@ -274,12 +267,12 @@ def _image_hashes(batches):
 def test_eval_exactly_once_over_processes(digits_dir):
   # 364 examples over 9 processes: shards of 41 and 40, local batch 4 -> 11 batches.
   config = make_config(digits_dir, batch_size=36)
-  single = list(ip.create_eval_iterator(make_config(digits_dir, batch_size=40),
+  single = list(data.create_eval_iterator(make_config(digits_dir, batch_size=40),
                                         process_index=0, process_count=1))
   assert sum(b['mask'].sum() for b in single) == 364
   per_process = []
   for pi in range(9):
-    iterator = ip.create_eval_iterator(config, process_index=pi, process_count=9)
+    iterator = data.create_eval_iterator(config, process_index=pi, process_count=9)
     batches = list(iterator)
     assert len(batches) == len(iterator) == 11  # The same on every process.
     assert all(b['image'].shape[0] == 4 for b in batches)
@@ -294,47 +287,37 @@ def test_eval_exactly_once_over_processes(digits_dir):
 
 def test_train_local_batch_is_global_over_processes(digits_dir):
   config = make_config(digits_dir, batch_size=48)
-  batch = next(ip.create_train_iterator(config, process_index=2, process_count=3))
+  batch = next(data.create_train_iterator(config, process_index=2, process_count=3))
   assert batch['image'].shape[0] == 16 and batch['label'].shape == (16,)
-  other = next(ip.create_train_iterator(config, process_index=1, process_count=3))
+  other = next(data.create_train_iterator(config, process_index=1, process_count=3))
   assert not np.array_equal(batch['image'], other['image'])
 
 
 # --- errors ------------------------------------------------------------------------
 
 
-def test_check_batch_size():
-  ip.check_batch_size(256, 2, 8)
-  with pytest.raises(ValueError, match=r'batch_size=100 .* 8 devices.*104'):
-    ip.check_batch_size(100, 1, 8)
-  with pytest.raises(ValueError, match=r'batch_size=10 .* 3 processes.*9 or 12'):
-    ip.check_batch_size(10, 3, 3)
-  with pytest.raises(ValueError, match='positive'):
-    ip.check_batch_size(0, 1, 1)
-
-
 def test_indivisible_batch_fails_at_start_up(digits_dir):
   with pytest.raises(ValueError, match=r'config.batch_size=10 .* 3 processes'):
-    ip.create_train_iterator(make_config(digits_dir, batch_size=10), process_index=0,
+    data.create_train_iterator(make_config(digits_dir, batch_size=10), process_index=0,
                              process_count=3)
   with pytest.raises(ValueError, match=r'config.batch_size=10 .* 3 processes'):
-    ip.create_eval_iterator(make_config(digits_dir, batch_size=10), process_index=0,
+    data.create_eval_iterator(make_config(digits_dir, batch_size=10), process_index=0,
                             process_count=3)
 
 
 def test_unknown_split_names_setting(digits_dir):
   with pytest.raises(ValueError, match=r"config.eval_split='validation'.*\['test', 'train'\]"):
-    ip.get_dataset_info(make_config(digits_dir, eval_split='validation'))
+    data.get_dataset_info(make_config(digits_dir, eval_split='validation'))
 
 
 @pytest.mark.parametrize('field,value', [('augment', 'fancy'), ('input_dtype', 'float16'),
                                          ('image_size', 0)])
 def test_bad_config_values(digits_dir, field, value):
   with pytest.raises(ValueError, match=f'config.{field}'):
-    ip.create_train_iterator(make_config(digits_dir, **{field: value}), process_index=0,
+    data.create_train_iterator(make_config(digits_dir, **{field: value}), process_index=0,
                              process_count=1)
 
 
 def test_unknown_dataset_name(tmp_path):
   with pytest.raises(ValueError, match=r"config.dataset='imagenet2021' is not a tfds dataset"):
-    ip.get_dataset_info(make_config(str(tmp_path), dataset='imagenet2021'))
+    data.get_dataset_info(make_config(str(tmp_path), dataset='imagenet2021'))

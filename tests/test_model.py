@@ -11,7 +11,7 @@ from gnet_jax import GoogLeNetOutputs, Inception, apply_fn, init_fn, layers
 from gnet_jax import images as images_lib
 from gnet_jax import model as model_lib
 from gnet_jax import summary
-from gnet_jax.cpu import ops
+from gnet_jax.cpu import ops, pool
 
 
 # Jitted once per set of options: eager Flax runs op by op, which is slow on CPU.
@@ -176,8 +176,8 @@ def torch_ceil_max_pool(x, window, stride):
 # The model's max pool (XLA's), the gathered-gradient one and the CPU plug-in's oneDNN one.
 MAX_POOLS = {'xla': lambda x, window, stride, padding: layers.MaxPool(window, stride).pool(
                  x, padding),
-             'gathered': layers.max_pool_gathered,
-             'onednn': functools.partial(ops.max_pool, fallback=layers.max_pool_gathered)}
+             'gathered': pool.max_pool_gathered,
+             'onednn': functools.partial(ops.max_pool, fallback=pool.max_pool_gathered)}
 
 
 @pytest.mark.parametrize('pool', MAX_POOLS)

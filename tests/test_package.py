@@ -1,5 +1,6 @@
 """The package as other projects use it: a light import, and ModelSpec, the one
 description of a model that configs, checkpoints, converted weights and predict share."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,8 +8,9 @@ import sys
 
 import pytest
 
-from configs import quickstart
+from configs import default, quickstart
 from gnet_jax import GoogLeNet, ModelSpec
+from gnet_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +58,35 @@ def test_spec_from_a_config():
   assert (spec.variant, spec.aux_logits, spec.image_size, spec.preprocess) == (
       'paper', True, 32, 'small')
   assert spec.class_names == tuple('0123456789')
+
+
+def test_the_networks_options_are_declared_once():
+  """GoogLeNet's option fields are ModelSpec's model fields and config.model's keys, with
+  GoogLeNet's defaults; how the model runs (dtype, blocks) is in none of them."""
+  options = model_lib.network_options()
+  assert list(options) == ['num_classes', 'variant', 'aux_logits', 'dropout_rate',
+                           'aux_dropout_rate', 'use_bn', 'transform_input']
+  fields = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+  assert list(fields)[:len(options)] == list(options)
+  assert all(fields[k] == f.default for k, f in options.items())
+  config = default.get_config()
+  assert sorted(config.model) == sorted(set(options) - {'num_classes'})
+  assert all(config.model[k] == options[k].default for k in config.model)
+  assert sorted(config.runtime) == ['cpu_convolutions', 'dtype', 'remat']
+  assert not {'dtype', 'conv_block', 'pool_block', 'inception_block'} & set(fields)
+
+
+def test_aux_dropout_rate_is_settable():
+  config = quickstart.get_config()
+  config.model.aux_dropout_rate = 0.5
+  spec = ModelSpec.from_config(config, 10)
+  assert spec.aux_dropout_rate == 0.5 and spec.build().aux_dropout_rate == 0.5
+
+
+def test_model_json_of_the_previous_version_loads():
+  """tests/data/workdir_0.2.0/model.json: the quickstart's, as gnet_jax 0.2.0 wrote it."""
+  spec = ModelSpec.load(os.path.join(ROOT, 'tests', 'data', 'workdir_0.2.0'))
+  assert spec == ModelSpec.from_config(quickstart.get_config(), 10, tuple('0123456789'))
 
 
 def test_spec_errors_say_what_is_wrong(tmp_path):

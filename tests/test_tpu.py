@@ -38,6 +38,14 @@ def test_padded_bytes_follow_tpu_tiles():
   assert all(c.source for c in report.CHIPS.values())
 
 
+def test_gpu_flops_without_jaxs_private_counter(monkeypatch):
+  """model_flops counts with a private jax function; without it, no count (not a crash)."""
+  from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+  report = _report_module()
+  monkeypatch.delattr(_jax, 'hlo_module_cost_analysis')
+  assert report.model_flops(lowered=None) is None
+
+
 @pytest.mark.slow
 def test_tpu_compile_report(tmp_path):
   """Compiles the train step at K = 1 and 2 and the eval step for v5e:2x2 (4 chips, 2 images
@@ -76,7 +84,7 @@ def test_tpu_compile_report(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_compile_follows_the_compute_capability(tmp_path):
-  """config.model.dtype 'auto' (configs/tpu.py's) compiled for XLA's descriptions of an A100
+  """config.runtime.dtype 'auto' (configs/tpu.py's) compiled for XLA's descriptions of an A100
   and a V100: bfloat16 on the first, float16 with its loss scale on the second, which has
   no bfloat16 units."""
   pytest.importorskip('jax_plugins.xla_cuda12',

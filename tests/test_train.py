@@ -5,8 +5,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import types
 
 import jax
@@ -16,42 +14,15 @@ import pytest
 
 from configs import quickstart
 from gnet_jax import ModelSpec, images, metrics, train
-from gnet_jax.train import experiment
+from gnet_jax.train import experiment, mesh
 from gnet_jax.train import state as state_lib
 from gnet_jax.train import steps as steps_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import finish, run_train, start_train
 
 def tiny_overrides(data_dir, workdir, steps=3, batch_size=16):
   return [f'--workdir={workdir}', f'--config.data_dir={data_dir}',
           f'--config.num_train_steps={steps}', f'--config.batch_size={batch_size}',
           '--config.log_every_steps=1', f'--config.eval_every_steps={steps}']
-
-
-def train_command(args, devices=1, env=None):
-  """(argv, env) of `train.py` on the quickstart config with `devices` CPU devices."""
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return [sys.executable, 'train.py', '--config=configs/quickstart.py', *args], env
-
-
-def run_train(args, devices=1, env=None, check=True):
-  argv, env = train_command(args, devices, env)
-  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=check,
-                        timeout=900)
-
-
-def start_train(args, devices=1, env=None):
-  argv, env = train_command(args, devices, env)
-  return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc):
-  out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == 0, out[-4000:]
-  return out
 
 
 def train_losses(workdir):
@@ -198,6 +169,16 @@ def test_two_processes_match_one(digits_data_dir, tmp_path):
                              rtol=2e-4)
 
 
+def test_check_batch_size():
+  mesh.check_batch_size(256, 2, 8)
+  with pytest.raises(ValueError, match=r'batch_size=100 .* 8 devices.*104'):
+    mesh.check_batch_size(100, 1, 8)
+  with pytest.raises(ValueError, match=r'batch_size=10 .* 3 processes.*9 or 12'):
+    mesh.check_batch_size(10, 3, 3)
+  with pytest.raises(ValueError, match='positive'):
+    mesh.check_batch_size(0, 1, 1)
+
+
 def test_unknown_config_key_is_named(tmp_path):
   result = run_train([f'--workdir={tmp_path}', '--config.batch_sizee=8'], check=False)
   assert result.returncode != 0
@@ -264,7 +245,7 @@ def test_auto_dtype_follows_the_device(device, dtype):
   chosen, why = experiment.compute_dtype('auto', [types.SimpleNamespace(**device)])
   assert chosen == dtype and why.startswith('auto')
   assert experiment.compute_dtype('float32', [types.SimpleNamespace(**device)])[0] == 'float32'
-  with pytest.raises(ValueError, match='config.model.dtype must be one of'):
+  with pytest.raises(ValueError, match='config.runtime.dtype must be one of'):
     experiment.compute_dtype('fp16', [types.SimpleNamespace(**device)])
 
 

@@ -20,8 +20,8 @@ def config_for(**overrides):
   config = quickstart.get_config()
   config.update(dict(num_train_steps=100, lr_schedule='constant', warmup_epochs=0,
                      label_smoothing=0.0, steps_per_execution=2))
-  config.model.update(dict(use_bn=False, aux_logits=False, dropout_rate=0.0,
-                           cpu_convolutions='xla'))
+  config.model.update(dict(use_bn=False, aux_logits=False, dropout_rate=0.0))
+  config.runtime.cpu_convolutions = 'xla'
   config.update(overrides)
   return config
 
@@ -94,7 +94,7 @@ def test_ema_is_the_running_average_of_parameters_and_statistics(data16):
 def test_float16_overflow_halves_the_scale_and_skips_the_step(data16):
   images, labels = data16
   config = config_for(batch_size=8, steps_per_execution=1)
-  config.model.dtype = 'float16'
+  config.runtime.dtype = 'float16'
   exp = experiment(config)
   state = exp.init()
   assert float(state.loss_scale['scale']) == 2.0 ** 15
@@ -114,7 +114,7 @@ def test_float16_overflow_halves_the_scale_and_skips_the_step(data16):
 
 @pytest.mark.slow
 def test_float16_training_converges_on_digits_as_float32_does(digits_data_dir, tmp_path):
-  """The quickstart recipe in float16 (what config.model.dtype 'auto' picks on a T4;
+  """The quickstart recipe in float16 (what config.runtime.dtype 'auto' picks on a T4;
   emulated on CPU, hence few steps) and in float32: the loss scale is logged, the loss
   falls, and both learn the digits far above chance (10%), within a few points."""
   top1 = {}
@@ -122,7 +122,7 @@ def test_float16_training_converges_on_digits_as_float32_does(digits_data_dir, t
     config = quickstart.get_config()
     config.update(dict(data_dir=digits_data_dir, num_train_steps=150, batch_size=16,
                        log_every_steps=10, warmup_epochs=0))
-    config.model.dtype = dtype
+    config.runtime.dtype = dtype
     workdir = str(tmp_path / dtype)
     train.train_and_evaluate(config, workdir)
     records = metrics.read_metrics(workdir)

@@ -8,16 +8,15 @@ the GoogLeNet blocks made of them (`blocks`). The model never imports this packa
 """
 from __future__ import annotations
 
-from gnet_jax.cpu.flags import FAST_CPU_FLAGS, release_freed_host_memory, use_fast_cpu_kernels
+from gnet_jax.cpu.flags import FAST_CPU_FLAGS, use_fast_cpu_kernels
 
 CHOICES = ('auto', 'onednn', 'xla')
 
-__all__ = ['CHOICES', 'FAST_CPU_FLAGS', 'describe', 'model_blocks',
-           'release_freed_host_memory', 'use_fast_cpu_kernels']
+__all__ = ['CHOICES', 'FAST_CPU_FLAGS', 'describe', 'model_blocks', 'use_fast_cpu_kernels']
 
 
 def model_blocks(choice: str, devices) -> dict:
-  """GoogLeNet's `conv_block`/`pool_block` for a program on `devices` (config.model.
+  """GoogLeNet's `conv_block`/`pool_block` for a program on `devices` (config.runtime.
   cpu_convolutions is `choice`): keyword arguments for `GoogLeNet` or `ModelSpec.build`.
 
   Every choice computes the same function; they differ in speed (BENCHMARKS.md):
@@ -25,13 +24,13 @@ def model_blocks(choice: str, devices) -> dict:
     `blocks.OneDNNMaxPool`). XLA cannot split their calls over devices, so 'auto' keeps
     them to single-device programs.
   - CPU otherwise ('xla', or several devices): XLA's convolutions with the gathered
-    max-pool gradient (`layers.GatherMaxPool`), a third of a train step faster there.
+    max-pool gradient (`pool.GatherMaxPool`), a third of a train step faster there.
   - GPU and TPU: the model's own blocks; by the compiler's estimate XLA's max-pool
     gradient moves half the bytes of the gathered one on a TPU v5e (307 vs 632 MB per
     image, BENCHMARKS.md, TPU compile report).
   """
   if choice not in CHOICES:
-    raise ValueError(f'config.model.cpu_convolutions must be one of {CHOICES}, got '
+    raise ValueError(f'config.runtime.cpu_convolutions must be one of {CHOICES}, got '
                      f'{choice!r}.')
   devices = list(devices)
   if devices[0].platform != 'cpu':
@@ -39,7 +38,7 @@ def model_blocks(choice: str, devices) -> dict:
   if choice == 'onednn' or (choice == 'auto' and len(devices) == 1):
     from gnet_jax.cpu import blocks  # pylint: disable=import-outside-toplevel
     return {'conv_block': blocks.OneDNNConv, 'pool_block': blocks.OneDNNMaxPool}
-  from gnet_jax.layers import GatherMaxPool  # pylint: disable=import-outside-toplevel
+  from gnet_jax.cpu.pool import GatherMaxPool  # pylint: disable=import-outside-toplevel
   return {'pool_block': GatherMaxPool}
 
 

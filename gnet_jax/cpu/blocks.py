@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnet_jax.cpu import ops
-from gnet_jax.layers import GatherMaxPool, max_pool_gathered
+from gnet_jax.cpu.pool import GatherMaxPool, max_pool_gathered
 from gnet_jax.model import BN_EPSILON, BN_MOMENTUM, BasicConv
 
 

@@ -1,12 +1,10 @@
-"""CPU tuning: XLA settings that make the train step 2x faster and use less memory, and
-handing the compiler's freed memory back to the OS (BENCHMARKS.md has the figures).
+"""CPU tuning: XLA settings that make the train step faster and use less memory
+(BENCHMARKS.md has the figures).
 
 XLA reads XLA_FLAGS once, when JAX first touches a device, so call
 `use_fast_cpu_kernels()` before any JAX computation (train.py, predict and bench/ do).
 It only changes the CPU backend; GPU and TPU runs are unaffected.
 """
-import ctypes
-import ctypes.util
 import os
 
 import jax
@@ -39,18 +37,17 @@ def use_fast_cpu_kernels() -> bool:
   """
   current = os.environ.get('XLA_FLAGS', '')
   missing = [f for f in FAST_CPU_FLAGS if f.split('=')[0] not in current]
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if missing and flags_known() and not xla_bridge.backends_are_initialized():
+  if missing and flags_known() and not backends_started():
     current = os.environ['XLA_FLAGS'] = ' '.join([current, *missing]).strip()
   return all(f in current.split() for f in FAST_CPU_FLAGS)
 
 
-def release_freed_host_memory() -> None:
-  """Returns memory freed by the compiler to the OS (glibc's malloc_trim; a no-op
-  elsewhere). Called between compiling the train step and running it, it keeps the
-  compiler's high-water mark from adding to the step's (~600 MB at batch 32, 224)."""
-  name = ctypes.util.find_library('c')
+def backends_started() -> bool:
+  """Whether JAX has created its backends, after which it reads XLA_FLAGS no more. JAX has
+  no public way to ask: its private one, else False (the flags are then set, and
+  apply unless a backend started already)."""
   try:
-    ctypes.CDLL(name).malloc_trim(0)
-  except (OSError, AttributeError, TypeError):
-    pass
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    return False

@@ -7,10 +7,12 @@ eval iterators.
     for batch in data.create_eval_iterator(config, source=source): ...
 
 Modules, in the order data flows through them:
-- `sources`: where raw records come from (tfds datasets; 'digits', the built-in offline
-  dataset, in `digits`; 'folder:/root' images in `folder`), and `DatasetInfo`.
+- `source`: what a dataset is to the rest (`Source`, `DatasetInfo`) and the registry of
+  kinds, which `tfds_source` (tfds datasets; 'digits', the built-in offline dataset, from
+  `digits`) and `folder` ('folder:/root' images) join; none of them is imported by it.
 - `preprocess`: decoding, crops, flips, normalisation of one example.
 - `pipeline`: positioned, seeded record streams, batching, bad-image reporting.
+- `resized`: a copy of a dataset with smaller images.
 - `python -m gnet_jax.data prepare|info --dataset NAME`: prepare a dataset ahead of time.
 
 TensorFlow is imported by this package only (and by TensorBoard writing), and it is
@@ -31,11 +33,11 @@ def _hide_accelerators_from_tf() -> None:
 _hide_accelerators_from_tf()
 
 # pylint: disable=wrong-import-position
+from gnet_jax.data import folder, tfds_source  # the kinds of source register themselves
 from gnet_jax.data.pipeline import create_eval_iterator, create_train_iterator
-from gnet_jax.data.preprocess import MEAN_RGB, STDDEV_RGB, preprocess_image
-from gnet_jax.data.sources import (DatasetInfo, Source, build_source, check_batch_size,
-                                   dataset_info, get_dataset_info)
+from gnet_jax.data.preprocess import preprocess_image
+from gnet_jax.data.source import (DatasetInfo, Source, build_source, dataset_info,
+                                  get_dataset_info)
 
-__all__ = ['DatasetInfo', 'MEAN_RGB', 'STDDEV_RGB', 'Source', 'build_source',
-           'check_batch_size', 'create_eval_iterator', 'create_train_iterator',
-           'dataset_info', 'get_dataset_info', 'preprocess_image']
+__all__ = ['DatasetInfo', 'Source', 'build_source', 'create_eval_iterator',
+           'create_train_iterator', 'dataset_info', 'get_dataset_info', 'preprocess_image']

@@ -17,15 +17,24 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from gnet_jax.data.sources import FOLDER_PREFIX, Source, split_error
+from gnet_jax.data.source import Source, register, split_error
 
 logger = logging.getLogger(__name__)
 
+FOLDER_PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 
 
 class FolderSource(Source):
   """The user's images in root/<split>/<class>/<image>, with tfds.ImageFolder's labels."""
+  in_memory = True  # the file list
+
+  @classmethod
+  def from_config(cls, config) -> 'FolderSource':
+    root = os.path.expanduser(config.dataset[len(FOLDER_PREFIX):])
+    if not root:
+      raise ValueError("config.dataset='folder:' needs a path: 'folder:/path/to/root'.")
+    return cls(root)
 
   def __init__(self, root: str):
     self.root = root
@@ -48,16 +57,24 @@ class FolderSource(Source):
   def splits(self) -> dict[str, int]:
     return {k: len(v) for k, v in self._examples.items()}
 
-  def split_size(self, split: str) -> int:
-    return sum((len(self._examples[i.splitname]) if i.to is None else i.to) - (i.from_ or 0)
-               for i in self._instructions(split))
+  def num_examples(self, split: str) -> int:
+    return self.num_records(split)
 
-  def local_size(self, split: str, pi: int, pc: int) -> int:
-    return len(self.local_arrays(split, pi, pc)['label'])
+  def num_records(self, split: str, process_index: int = 0, process_count: int = 1) -> int:
+    return len(self._arrays(split, process_index, process_count)['label'])
 
-  def local_arrays(self, split: str, pi: int, pc: int) -> dict[str, np.ndarray]:
+  def records(self, split: str, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(
+        self._arrays(split, process_index, process_count))
+
+  def arrays(self, split: str) -> dict[str, np.ndarray]:
+    return self._arrays(split, 0, 1)
+
+  def _arrays(self, split: str, process_index: int, process_count: int):
     self._instructions(split)  # Clear error for an unknown split.
-    sub = tfds.split_for_jax_process(split, process_index=pi, process_count=pc)
+    sub = tfds.split_for_jax_process(split, process_index=process_index,
+                                     process_count=process_count)
     examples = []
     for ins in sub.to_absolute(self._split_dict):
       examples.extend(self._examples[ins.splitname][ins.from_ or 0:ins.to])
@@ -131,3 +148,6 @@ def scan_image_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, i
       logger.warning('Split %s of %s has no folder for classes %s.', split, root,
                      sorted(only_here)[:10])
   return class_names, examples
+
+
+register(FOLDER_PREFIX, FolderSource.from_config)

@@ -53,9 +53,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from gnet_jax.data.folder import FolderSource
 from gnet_jax.data.preprocess import AUGMENTS, INPUT_DTYPES, preprocess_fns, why_undecodable
-from gnet_jax.data.sources import DatasetInfo, Source, build_source, check_batch_size, dataset_info
+from gnet_jax.data.source import DatasetInfo, Source, build_source, dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +86,11 @@ def _setup(config, source, process_index, process_count) -> _Setup:
   pc = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= pi < pc:
     raise ValueError(f'process_index={pi} is not in [0, process_count={pc}).')
-  device_count = jax.device_count() if process_count is None else (
-      jax.local_device_count() * pc)
-  check_batch_size(config.batch_size, pc, device_count)
+  batch = config.batch_size
+  if not isinstance(batch, (int, np.integer)) or batch <= 0 or batch % pc:
+    raise ValueError(f'config.batch_size={batch!r} is the global batch, and each of the {pc} '
+                     'processes reads its rows of every batch: use a positive multiple of '
+                     f'{pc} (and of the device count: gnet_jax.train.mesh.check_batch_size).')
   augment = config.get('augment', 'inception')
   if augment not in AUGMENTS:
     raise ValueError(f'config.augment={augment!r}: use one of {AUGMENTS} (inception for '
@@ -223,12 +224,12 @@ def _train_records(s: _Setup, split: str, seed: int, start_pos: int,
   augmentation.
   """
   src, pi, pc, b = s.source, s.pi, s.pc, s.local_batch
-  if cache or isinstance(src, FolderSource):
+  if cache or src.in_memory:
     # Indexed: every process holds the split's index (paths, or the cached raw records)
     # in one seeded order per epoch and takes rows [pi*b, (pi+1)*b) of each global
     # batch, decoding only those. The global batches are therefore the same for any
     # process count: 2 processes train exactly like 1. Positioning costs nothing.
-    arrays = src.local_arrays(split, 0, 1)
+    arrays = src.arrays(split)
     n = len(arrays['label'])
     _check_shard(n, s, split)
     tensors = {k: tf.constant(list(v) if v.dtype == object else v)
@@ -248,8 +249,8 @@ def _train_records(s: _Setup, split: str, seed: int, start_pos: int,
   # Streamed: this process's shard in its fixed on-disk order, shuffled per epoch by a
   # seeded buffer.
   order_key = _mix(seed, pi, 1)
-  base = src.local_dataset(split, pi, pc)
-  n = src.local_size(split, pi, pc)
+  base = src.records(split, pi, pc)
+  n = src.num_records(split, pi, pc)
   _check_shard(n, s, split)
   first_epoch, offset = divmod(start_pos, n)
   buffer = max(1, min(int(shuffle_buffer), n))
@@ -380,11 +381,11 @@ def create_eval_iterator(config, *, source: Source | None = None,
   s = _setup(config, source, process_index, process_count)
   split = config.eval_split
   src = s.source
-  local = src.local_size(split, s.pi, s.pc)
-  total = src.actual_split_size(split)
+  local = src.num_records(split, s.pi, s.pc)
+  total = src.num_records(split)
   largest_shard = max(-(-total // s.pc), local)  # tfds's even split: first shards +1.
   num_batches = max(1, -(-largest_shard // s.local_batch))
-  records = src.local_dataset(split, s.pi, s.pc)
+  records = src.records(split, s.pi, s.pc)
   records = records.enumerate().map(lambda pos, ex: {**ex, 'pos': pos})
   ds = _decoded_batches(records, s, train=False, aug_key=0)
   own_batches = -(-local // s.local_batch)

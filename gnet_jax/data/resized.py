@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from gnet_jax.data.preprocess import decode_rgb, to_input_dtype
-from gnet_jax.data.sources import Source, copy_suffix
+from gnet_jax.data.source import Source, copy_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _shrink_fn(max_side: int, quality: int):
 
 def _records(source: Source, split: str) -> tf.data.Dataset:
   """The split's records in their fixed order, each with its index."""
-  ds = source.local_dataset(split, 0, 1)
+  ds = source.records(split)
   return ds.enumerate().map(lambda i, ex: {**ex, 'index': i})
 
 
@@ -74,7 +74,7 @@ def _examples(source: Source, split: str, max_side: int, quality: int, skip_corr
               bad: list):
   """Yields (key, example) of the copy of `split`; an unreadable image stops the copy
   naming it, or with `skip_corrupt` is left out and named in `bad`."""
-  total = source.actual_split_size(split)
+  total = source.num_records(split)
   ds = _records(source, split).map(_shrink_fn(max_side, quality),
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   expected = 0

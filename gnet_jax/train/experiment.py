@@ -6,13 +6,18 @@ train.py runs.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gnet_jax import cpu
 from gnet_jax.model import GoogLeNet, Inception
@@ -31,7 +36,7 @@ class Experiment:
   (`Sharding.stacked_batches`) and donates the state; eval_step(variables, batch) sums the
   eval metrics of a padded batch for {'params', 'batch_stats'} (the state's or its EMA).
   """
-  config: Any  # resolved: num_train_steps and model.dtype are the run's own
+  config: Any  # resolved: num_train_steps and runtime.dtype are the run's own
   spec: ModelSpec
   model: GoogLeNet
   learning_rate_fn: Callable
@@ -41,7 +46,9 @@ class Experiment:
   train_steps: Callable
   eval_step: Callable
   steps_per_epoch: int
-  dtype_reason: str  # why config.model.dtype is what it is, for the log
+  dtype_reason: str  # why config.runtime.dtype is what it is, for the log
+  kernels: str  # where the convolutions run, for the log
+
 
   @property
   def num_steps(self) -> int:
@@ -49,6 +56,44 @@ class Experiment:
 
   def abstract_state(self):
     return jax.eval_shape(self.init)
+
+  def compile_train_steps(self, state, batches, num_steps: int):
+    """(train_steps compiled for these arguments, seconds, whether from JAX's persistent
+    cache). Compiled ahead of the first step so that the memory the compiler frees goes
+    back to the OS before the step allocates its own: a lower peak."""
+    start = time.perf_counter()
+    with _persistent_cache_hits() as hits:
+      compiled = self.train_steps.lower(state, batches, np.int32(num_steps)).compile()
+    seconds = time.perf_counter() - start
+    _release_freed_host_memory()
+    return compiled, seconds, bool(hits)
+
+
+@contextlib.contextmanager
+def _persistent_cache_hits():
+  """Yields a list that gains an entry for each executable JAX loads from its persistent
+  compilation cache (train.py --compilation_cache_dir) inside the block."""
+  hits = []
+
+  def listener(event, **_):
+    if event == '/jax/compilation_cache/cache_hits':
+      hits.append(event)
+  jax.monitoring.register_event_listener(listener)
+  try:
+    yield hits
+  finally:
+    # jax < 0.8 cannot unregister one listener: there it stays, filling a list no one reads.
+    if hasattr(jax.monitoring, 'unregister_event_listener'):
+      jax.monitoring.unregister_event_listener(listener)
+
+
+def _release_freed_host_memory() -> None:
+  """Returns the memory a compile freed to the OS (glibc's malloc_trim; a no-op elsewhere),
+  so that the compiler's high-water mark does not add to the step's."""
+  try:
+    ctypes.CDLL(ctypes.util.find_library('c')).malloc_trim(0)
+  except (OSError, AttributeError, TypeError):
+    pass
 
 
 def resolve_steps(config, num_train_examples: int) -> tuple[int, int]:
@@ -65,16 +110,16 @@ BFLOAT16_COMPUTE_CAPABILITY = (8, 0)
 
 
 def compute_dtype(choice: str, devices) -> tuple[str, str]:
-  """(the computation dtype, why) that config.model.dtype `choice` means on `devices`.
+  """(the computation dtype, why) that config.runtime.dtype `choice` means on `devices`.
 
   'auto' is bfloat16 on TPUs and on GPUs that compute it natively (compute capability 8.0
   and up: A100, L4, H100...), float16 with the dynamic loss scale on older GPUs (T4, V100,
   P100), and float32 on CPUs, which emulate both at a fraction of float32's speed.
   """
   if choice not in DTYPES:
-    raise ValueError(f'config.model.dtype must be one of {DTYPES}, got {choice!r}.')
+    raise ValueError(f'config.runtime.dtype must be one of {DTYPES}, got {choice!r}.')
   if choice != 'auto':
-    return choice, 'config.model.dtype'
+    return choice, 'config.runtime.dtype'
   device = devices[0]
   kind = f'{device.platform.upper()} {device.device_kind}'
   if device.platform == 'tpu':
@@ -93,10 +138,10 @@ def compute_dtype(choice: str, devices) -> tuple[str, str]:
 
 def model_blocks(config, devices) -> dict:
   """The blocks the model is built with for `devices`: the CPU plug-in's choice
-  (`cpu.model_blocks`) and, with config.model.remat, Inception blocks that recompute their
+  (`cpu.model_blocks`) and, with config.runtime.remat, Inception blocks that recompute their
   activations in the backward pass instead of keeping them (less memory, more FLOPs)."""
-  blocks = cpu.model_blocks(config.model.cpu_convolutions, devices)
-  if config.model.get('remat', False):
+  blocks = cpu.model_blocks(config.runtime.cpu_convolutions, devices)
+  if config.runtime.remat:
     # Argument 2 of Inception.__call__(self, x, train) is a Python bool.
     blocks['inception_block'] = nn.remat(Inception, static_argnums=(2,))
   return blocks
@@ -111,14 +156,14 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None,
                      f'{config.steps_per_execution}.')
   steps_per_epoch, num_steps = resolve_steps(config, num_train_examples)
   sharding = Sharding.create(devices)
-  dtype, dtype_reason = compute_dtype(config.model.dtype, sharding.devices)
+  dtype, dtype_reason = compute_dtype(config.runtime.dtype, sharding.devices)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.num_train_steps = num_steps
-    config.model.dtype = dtype
+    config.runtime.dtype = dtype
   if blocks is None:
     blocks = model_blocks(config, sharding.devices)
-  model = spec.build(dtype=jnp.dtype(config.model.dtype), **blocks)
+  model = spec.build(dtype=jnp.dtype(config.runtime.dtype), **blocks)
   learning_rate_fn = state_lib.create_learning_rate_fn(config, steps_per_epoch)
   tx = state_lib.create_optimizer(config, learning_rate_fn)
   init = jax.jit(functools.partial(state_lib.create_train_state, config, model, tx,
@@ -140,4 +185,4 @@ def build(config, spec: ModelSpec, num_train_examples: int, devices=None,
   return Experiment(config=config, spec=spec, model=model, learning_rate_fn=learning_rate_fn,
                     tx=tx, sharding=sharding, init=init, train_steps=train,
                     eval_step=evaluate, steps_per_epoch=steps_per_epoch,
-                    dtype_reason=dtype_reason)
+                    dtype_reason=dtype_reason, kernels=cpu.describe(blocks))

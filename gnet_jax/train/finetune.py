@@ -14,13 +14,13 @@ def init_from(state: TrainState, path, spec: ModelSpec, sharding, log) -> TrainS
   """`state` with the parameters of the model in `path` (config.init_from).
 
   A different num_classes (or aux heads the weights lack) keeps those heads freshly
-  initialised and says so; any other difference (`ModelSpec.WEIGHT_FIELDS`) is an error
-  naming it. The optimizer state starts afresh.
+  initialised and says so; a difference in an option that changes what the weights
+  compute (`model.ROLES`) is an error naming it. The optimizer state starts afresh.
   """
   variables, source = checkpoint.load_model(path)
   differ = [f'{k}: weights {getattr(source, k)!r}, config {getattr(spec, k)!r} (set '
             f'--config.model.{k}={getattr(source, k)})'
-            for k in ModelSpec.WEIGHT_FIELDS if getattr(source, k) != getattr(spec, k)]
+            for k in ModelSpec.with_role('weights') if getattr(source, k) != getattr(spec, k)]
   if differ:
     raise ValueError(f'config.init_from={path!r} does not fit this model: '
                      + '; '.join(differ) + '.')

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gnet_jax import checkpoint as checkpoint_lib
-from gnet_jax import cpu, data, metrics, paths
+from gnet_jax import data, faults, metrics, paths
 from gnet_jax.spec import ModelSpec
-from gnet_jax.train import experiment, finetune
+from gnet_jax.train import experiment, finetune, mesh
 from gnet_jax.train.state import TrainState
 
 
@@ -107,24 +107,6 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-@contextlib.contextmanager
-def _persistent_cache_hits():
-  """Yields a list that gains an entry for each executable JAX loads from its persistent
-  compilation cache (train.py --compilation_cache_dir) inside the block."""
-  hits = []
-
-  def listener(event, **_):
-    if event == '/jax/compilation_cache/cache_hits':
-      hits.append(event)
-  jax.monitoring.register_event_listener(listener)
-  try:
-    yield hits
-  finally:
-    # jax < 0.8 cannot unregister one listener: there it stays, filling a list no one reads.
-    if hasattr(jax.monitoring, 'unregister_event_listener'):
-      jax.monitoring.unregister_event_listener(listener)
-
-
 def evaluate(exp: experiment.Experiment, variables, config, source) -> dict[str, float]:
   """Loss, top-1 and top-5 of `variables` ({'params', 'batch_stats'}) over the whole eval
   split, every example counted once."""
@@ -196,7 +178,7 @@ class _Run:
     self.lead = jax.process_index() == 0
     self.source = data.build_source(config)  # built once: folders are scanned once
     info = data.dataset_info(self.source, config)
-    data.check_batch_size(config.batch_size, jax.process_count(), jax.device_count())
+    mesh.check_batch_size(config.batch_size, jax.process_count(), jax.device_count())
     self.spec = ModelSpec.from_config(config, info.num_classes, info.class_names)
     self.exp = experiment.build(config, self.spec, info.num_train_examples)
     self.config = self.exp.config
@@ -260,14 +242,9 @@ class _Run:
                            window.as_json(), scores)
 
   def compile(self, state, batches, n: int, writers):
-    # Compiled ahead of the first step so that the compiler's freed memory goes back to
-    # the OS before the step allocates its own (a lower peak on CPU).
-    start = time.perf_counter()
-    with _persistent_cache_hits() as hits:
-      compiled = self.exp.train_steps.lower(state, batches, np.int32(n)).compile()
-    writers.log(f'Compiled the train step in {time.perf_counter() - start:.1f} s'
-                + (' (from the persistent compilation cache).' if hits else '.'))
-    cpu.release_freed_host_memory()
+    compiled, seconds, cached = self.exp.compile_train_steps(state, batches, n)
+    writers.log(f'Compiled the train step in {seconds:.1f} s'
+                + (' (from the persistent compilation cache).' if cached else '.'))
     return compiled
 
   def call_lengths(self, step: int):
@@ -307,9 +284,8 @@ class _Run:
     writers.log(f'{info.num_train_examples} train / {info.num_eval_examples} eval examples, '
                 f'{info.num_classes} classes; {num_steps} steps of global batch '
                 f'{c.batch_size} on {jax.device_count()} device(s) in '
-                f'{jax.process_count()} process(es); computing in {c.model.dtype} '
-                f'({self.exp.dtype_reason}); convolutions on '
-                f'{cpu.describe(dict(conv_block=self.exp.model.conv_block))}.')
+                f'{jax.process_count()} process(es); computing in {c.runtime.dtype} '
+                f'({self.exp.dtype_reason}); convolutions on {self.exp.kernels}.')
     if start_step:
       writers.log(f'Resumed from checkpoint {self.checkpointer.directory}/{start_step} '
                   f'(step {start_step} of {num_steps}).')
@@ -318,9 +294,9 @@ class _Run:
     window = _Window(window_rows)
     preemption = _Preemption(self.checkpointer, install=jax.process_count() == 1)
     train_fn = None
+    step = start_step
     try:
       train_iter = data.create_train_iterator(c, source=self.source, start_step=start_step)
-      step = start_step
       while step < num_steps:
         n = self.call_lengths(step)
         batches = self.exp.sharding.stacked_batches([next(train_iter) for _ in range(n)],
@@ -332,6 +308,7 @@ class _Run:
           state, history = train_fn(state, batches, np.int32(n))
         window.add(history, n)
         step += n
+        self.checkpointer.check()  # a background save that failed stops the run here
         self.profiler.after_call(step, state, writers.log)
         writers.advance(n)
         if step % c.log_every_steps == 0 or step == num_steps:
@@ -353,9 +330,18 @@ class _Run:
                       'same command again to resume.')
           break
       self.checkpointer.wait()
-    finally:
+    except BaseException as e:
       preemption.restore()
-      self.checkpointer.close()
+      kind = faults.kind_of(e)
+      # A save to a store that does not answer would hold close() for all its retries.
+      if kind != 'connection':
+        self.checkpointer.close(quietly=True)  # the error at hand is the one to report
+      writers.close(plot=False)
+      if kind and not isinstance(e, faults.StorageFault):  # the workdir's storage failed
+        raise self.checkpointer.fault(e, step, 'the run could not write to its workdir') from e
+      raise
+    preemption.restore()
+    self.checkpointer.close()
     writers.close()
     return state
 

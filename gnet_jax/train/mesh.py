@@ -7,10 +7,33 @@ Each process feeds its own slice (`jax.make_array_from_process_local_data`).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def check_batch_size(batch_size: int, process_count: int, device_count: int) -> None:
+  """Raises ValueError unless the global batch splits evenly over processes and devices."""
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    raise ValueError(f'config.batch_size must be a positive integer, got {batch_size!r}.')
+  if process_count <= 0 or device_count <= 0:
+    raise ValueError(f'process_count ({process_count}) and device_count ({device_count}) '
+                     'must be positive.')
+  if device_count % process_count:
+    raise ValueError(f'{device_count} devices do not split evenly over {process_count} '
+                     'processes; every process must drive the same number of devices.')
+  for count, what in ((process_count, 'processes (jax.process_count())'),
+                      (device_count, 'devices (jax.device_count())')):
+    if batch_size % count:
+      step = math.lcm(process_count, device_count)
+      lower, upper = (batch_size // step) * step, (batch_size // step + 1) * step
+      hint = f'{lower} or {upper}' if lower else f'{upper}'
+      raise ValueError(
+          f'config.batch_size={batch_size} is the global batch over all devices and '
+          f'processes, and it does not divide by the {count} {what}. Use a multiple '
+          f'of {step}, e.g. --config.batch_size={hint}.')
 
 
 @dataclasses.dataclass(frozen=True)

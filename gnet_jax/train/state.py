@@ -9,7 +9,7 @@ Options (each off by default, and then the state and the step are exactly as wit
   batch and its schedule counts updates.
 - config.ema_decay = d: `ema` holds an exponential moving average of the parameters and
   BatchNorm statistics, ema = d * ema + (1 - d) * new after each update.
-- config.model.dtype = 'float16': `loss_scale` holds a dynamic loss scale (`LossScale`).
+- config.runtime.dtype = 'float16': `loss_scale` holds a dynamic loss scale (`LossScale`).
 """
 from __future__ import annotations
 
@@ -129,5 +129,5 @@ def create_train_state(config, model: nn.Module, tx, image_size: int) -> TrainSt
     ema = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
   return TrainState(step=jnp.array(0, jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), rng=dropout_key, ema=ema,
-                    loss_scale=LossScale.init() if config.model.dtype == 'float16' else None,
+                    loss_scale=LossScale.init() if config.runtime.dtype == 'float16' else None,
                     tx=tx)

@@ -1,22 +1,12 @@
-"""Data sources: where the raw (still encoded) records of a split come from, and the
-`DatasetInfo` a run reads off its source.
-
-A source is built once per run (`build_source`) and read by every iterator of the run. A
-record is {'raw': encoded bytes} or {'path': file to read}, plus 'label' (int64) and
-'key' (a string naming the example in error messages).
-
-- `TfdsSource`: a registered tfds dataset ('imagenet2012', 'cifar10', ...; 'digits' is
-  the built-in `sklearn_digits`), prepared on first use; ImageNet from archives
-  downloaded by hand (`config.manual_dir`).
-- `gnet_jax.data.folder.FolderSource`: 'folder:/path/to/root' images.
+"""Registered tfds datasets as sources ('imagenet2012', 'cifar10', ...; 'digits' is the
+built-in `sklearn_digits`), prepared on first use; ImageNet from archives downloaded by
+hand (`config.manual_dir`). A resized copy (`gnet_jax.data.resized`) is read the same way:
+tfds finds it among its files.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
-import re
 from typing import Any
 
 import jax
@@ -25,11 +15,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from gnet_jax.data import digits as digits_lib
+from gnet_jax.data.source import Source, original_name, register, split_error
 
 logger = logging.getLogger(__name__)
 
 DIGITS = 'digits'
-FOLDER_PREFIX = 'folder:'
 # Datasets whose labels a horizontal mirror changes or makes implausible.
 NO_FLIP_DATASETS = frozenset({
     'sklearn_digits', 'mnist', 'emnist', 'kmnist', 'binarized_mnist', 'svhn_cropped',
@@ -40,92 +30,6 @@ MANUAL_FILES = {
     'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'),
 }
 PREPARE_COMMAND = 'python -m gnet_jax.data prepare'
-_COPY_SUFFIX = re.compile(r'_max\d+$')  # copies with smaller images (gnet_jax.data.resized)
-
-
-def copy_suffix(max_side: int) -> str:
-  return f'_max{max_side}'
-
-
-def original_name(name: str) -> str:
-  """The dataset a resized copy was made from ('mnist' for 'mnist_max256'), else `name`."""
-  return _COPY_SUFFIX.sub('', name)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the training loop need to know about the data."""
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-  class_names: list[str]
-  name: str = ''  # The resolved dataset: 'cifar10', 'sklearn_digits', 'folder:/root'.
-  train_split: str = ''
-  eval_split: str = ''
-  random_flip: bool = True  # Whether training flips images horizontally.
-
-
-def check_batch_size(batch_size: int, process_count: int, device_count: int) -> None:
-  """Raises ValueError unless the global batch splits evenly over processes and devices."""
-  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-    raise ValueError(f'config.batch_size must be a positive integer, got {batch_size!r}.')
-  if process_count <= 0 or device_count <= 0:
-    raise ValueError(f'process_count ({process_count}) and device_count ({device_count}) '
-                     'must be positive.')
-  if device_count % process_count:
-    raise ValueError(f'{device_count} devices do not split evenly over {process_count} '
-                     'processes; every process must drive the same number of devices.')
-  for count, what in ((process_count, 'processes (jax.process_count())'),
-                      (device_count, 'devices (jax.device_count())')):
-    if batch_size % count:
-      step = math.lcm(process_count, device_count)
-      lower, upper = (batch_size // step) * step, (batch_size // step + 1) * step
-      hint = f'{lower} or {upper}' if lower else f'{upper}'
-      raise ValueError(
-          f'config.batch_size={batch_size} is the global batch over all devices and '
-          f'processes, and it does not divide by the {count} {what}. Use a multiple '
-          f'of {step}, e.g. --config.batch_size={hint}.')
-
-
-class Source:
-  """A dataset: class names, split sizes, and this process's raw records."""
-  name: str
-  class_names: list[str]
-  default_flip: bool
-
-  def check_split(self, split: str, setting: str = 'train_split/eval_split') -> None:
-    """ValueError naming `config.<setting>` and the splits there are, if `split` is not one."""
-    raise NotImplementedError
-
-  def split_size(self, split: str) -> int:
-    """The number of examples the split's metadata gives."""
-    raise NotImplementedError
-
-  def actual_split_size(self, split: str) -> int:
-    """The number of records really there (a mocked dataset has fewer)."""
-    return self.split_size(split)
-
-  def splits(self) -> dict[str, int]:
-    """Every split and its number of examples."""
-    raise NotImplementedError
-
-  def local_size(self, split: str, pi: int, pc: int) -> int:
-    raise NotImplementedError
-
-  def local_arrays(self, split: str, pi: int, pc: int) -> dict[str, np.ndarray]:
-    """This process's records as in-memory numpy arrays, in a fixed order."""
-    raise NotImplementedError
-
-  def local_dataset(self, split: str, pi: int, pc: int) -> tf.data.Dataset:
-    """This process's records as a tf.data.Dataset, in a fixed order."""
-    return tf.data.Dataset.from_tensor_slices(self.local_arrays(split, pi, pc))
-
-
-def split_error(setting: str, split: str, dataset: str, available) -> ValueError:
-  return ValueError(
-      f'config.{setting}={split!r}: dataset {dataset!r} has no such split. Its splits are '
-      f'{sorted(available)}; set config.{setting} to one of them (tfds slicing such as '
-      f"'train[:90%]' also works).")
 
 
 class TfdsSource(Source):
@@ -167,7 +71,7 @@ class TfdsSource(Source):
                          f'{self.builder.data_dir}: {e}') from None
       raise split_error(setting, split, self.name, available) from None
 
-  def split_size(self, split: str) -> int:
+  def num_examples(self, split: str) -> int:
     self.check_split(split)
     return int(self.builder.info.splits[split].num_examples)
 
@@ -200,29 +104,26 @@ class TfdsSource(Source):
       self._cardinality_cache[cache_key] = n
     return self._cardinality_cache[cache_key]
 
-  def actual_split_size(self, split: str) -> int:
+  def num_records(self, split: str, process_index: int = 0, process_count: int = 1) -> int:
     self.check_split(split)
-    return self._cardinality(split)
+    return self._cardinality(tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count))
 
-  def local_size(self, split: str, pi: int, pc: int) -> int:
+  def records(self, split: str, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
     self.check_split(split)
-    return self._cardinality(tfds.split_for_jax_process(split, process_index=pi,
-                                                        process_count=pc))
+    return self._dataset(tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count))
 
-  def local_dataset(self, split: str, pi: int, pc: int) -> tf.data.Dataset:
-    self.check_split(split)
-    return self._dataset(tfds.split_for_jax_process(split, process_index=pi,
-                                                    process_count=pc))
-
-  def local_arrays(self, split: str, pi: int, pc: int) -> dict[str, np.ndarray]:
-    """Reads this process's raw records into memory (config.cache=True)."""
+  def arrays(self, split: str) -> dict[str, np.ndarray]:
+    """Reads the split's raw records into memory (config.cache=True)."""
     raws, labels, keys = [], [], []
-    for ex in self.local_dataset(split, pi, pc).as_numpy_iterator():
+    for ex in self.records(split).as_numpy_iterator():
       raws.append(ex['raw'])
       labels.append(ex['label'])
       keys.append(ex['key'])
-    logger.info('Cached %d raw records (%.1f MB) of %s %s, process %d/%d.', len(raws),
-                sum(map(len, raws)) / 1e6, self.name, split, pi, pc)
+    logger.info('Holding %d raw records (%.1f MB) of %s %s in memory.', len(raws),
+                sum(map(len, raws)) / 1e6, self.name, split)
     return {'raw': np.array(raws, dtype=object), 'label': np.array(labels, np.int64),
             'key': np.array(keys, dtype=object)}
 
@@ -305,36 +206,4 @@ def ensure_prepared(builder, config) -> None:
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
-def build_source(config) -> Source:
-  """The source `config.dataset` names (prepares a tfds dataset on first use)."""
-  name = config.dataset
-  if not isinstance(name, str) or not name:
-    raise ValueError(f'config.dataset must be a dataset name, got {name!r}.')
-  if name.startswith(FOLDER_PREFIX):
-    from gnet_jax.data.folder import FolderSource  # pylint: disable=import-outside-toplevel
-    root = os.path.expanduser(name[len(FOLDER_PREFIX):])
-    if not root:
-      raise ValueError("config.dataset='folder:' needs a path: 'folder:/path/to/root'.")
-    return FolderSource(root)
-  return TfdsSource(config)
-
-
-def dataset_info(source: Source, config) -> DatasetInfo:
-  """What the model and the loop need to know of `source` as the config reads it."""
-  source.check_split(config.train_split, 'train_split')
-  source.check_split(config.eval_split, 'eval_split')
-  flip = config.get('random_flip', None)
-  return DatasetInfo(
-      num_classes=len(source.class_names),
-      num_train_examples=source.split_size(config.train_split),
-      num_eval_examples=source.split_size(config.eval_split),
-      class_names=list(source.class_names),
-      name=source.name,
-      train_split=config.train_split,
-      eval_split=config.eval_split,
-      random_flip=source.default_flip if flip is None else bool(flip))
-
-
-def get_dataset_info(config) -> DatasetInfo:
-  """Number of classes, split sizes and class names (prepares tfds data if needed)."""
-  return dataset_info(build_source(config), config)
+register('', TfdsSource)  # every name no other kind takes
