@@ -21,8 +21,8 @@ JAX train step runs as train.py runs it, config.steps_per_execution steps per ca
 "step" is one call, divided by the steps in it.
 Results go to <out>/results.json and results.md (with a description of the machine);
 several --batch_sizes also print the cost per image and write curve.png.
-One file (over 400 lines): the parent that schedules cases and the child that runs one
-are the same script, so a case is reproduced by one command line.
+The parent that schedules cases and the child that runs one are the same script, so a
+case is reproduced by one command line.
 """
 from __future__ import annotations
 

@@ -25,8 +25,7 @@ bytes `hlo_traffic`'s, a coarser estimate.
 libtpu asks a cloud metadata server about its machine at start-up. Nothing may leave this
 machine: the script runs only in a network namespace with no interface but loopback (it
 re-executes itself under `unshare -n`, or refuses) and with TPU_SKIP_MDS_QUERY=1.
-It is one file (over 400 lines) so that it re-executes itself as a whole, and so that its
-test can import the parsing helpers without JAX.
+It re-executes itself as a whole, and its test imports the parsing helpers without JAX.
 """
 from __future__ import annotations
 
@@ -87,7 +86,7 @@ class Chip:
 
 
 _GB, _GIB = 1e9, 2 ** 30
-# Cloud TPU documentation, "System architecture" (read 2026-12): cloud.google.com/tpu/docs/
+# Cloud TPU documentation, "System architecture": cloud.google.com/tpu/docs/
 # v5e ("197 TFLOPs", "16 GB, 819 GBps"), v6e ("918 TFLOPs", "32 GB", "1638 GBps"), v5p
 # ("459 TFLOPs", "95GB, 2765 GBps"), v4 ("275 teraflops", "32 GiB, 1200 GBps", per chip of
 # two devices). libtpu lets one program use 15.75 GiB of a v5e, 31.24 of a v6e, 95.73 of a

@@ -27,8 +27,8 @@ def get_config():
   config.weight_decay = 5e-4
   config.label_smoothing = 0.1
   config.log_every_steps = 20
-  # 32x32 images: the step's temporaries are small, and five steps per call saved nothing
-  # here (1 min 53 s against 1 min 46 s, BENCHMARKS.md change 13), only compile time.
+  # 32x32 images: the step's temporaries are small, and several steps per call save
+  # nothing but cost compile time.
   config.steps_per_execution = 1
   config.eval_every_steps = 0  # only at the end: eval costs a compile
   return config

@@ -10,10 +10,9 @@ def get_config():
   config.input_dtype = 'uint8'  # normalised on the chip
   # Global; the learning rate scales with it. Keep the per-chip batch a multiple of 128
   # (1024 is 256 per chip on a v5e-4/v6e-4/v5p-8): below that XLA pads the narrow Inception
-  # branches to 128 lanes and the bytes per image rise (BENCHMARKS.md, TPU section: 307 MB
-  # at 32 per chip, 169 at 256; 4.4 of a v5e chip's 15.75 GiB). XLA's own max pool, no
-  # remat and one step per call are the TPU choices from bench/tpu_report.py's compiler
-  # estimates, not measurements on a TPU (the defaults: configs/default.py).
+  # branches to 128 lanes and the bytes per image rise. XLA's own max pool, no remat and
+  # one step per call are the TPU choices, from bench/tpu_report.py's compiler estimates
+  # (BENCHMARKS.md, TPU), not from measurements on a TPU.
   config.batch_size = 1024
   config.warmup_epochs = 5
   return config

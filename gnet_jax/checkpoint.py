@@ -20,8 +20,7 @@ any other. A checkpoint that cannot be read is skipped with a warning, newest fi
 (`Checkpointer.first_readable`), and set aside in `<workdir>/corrupt_checkpoints/`, never
 deleted. Paths may be local or on an object store (gs://).
 
-One module (over 400 lines) because writing, resuming and reading back share one on-disk
-format and one fallback loop; split, each part would have to know the others' layout.
+Writing, resuming and reading back share this one on-disk format and one fallback loop.
 
     variables, spec = gnet_jax.load_model('/tmp/gnet')   # latest step
     logits = gnet_jax.apply_fn(variables, images, **spec.model_kwargs())

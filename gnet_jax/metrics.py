@@ -272,6 +272,17 @@ def _for_the_console(record: logging.LogRecord) -> bool:
 _console = None
 
 
+def _own_terminal():
+  """A stream onto the terminal behind fd 2, or None where sys.stderr is not fd 2 (a
+  notebook's or a test's capture object): that object then stays the console."""
+  try:
+    if sys.stderr.fileno() == 2:
+      return os.fdopen(os.dup(2), 'w', buffering=1)
+  except (AttributeError, OSError, ValueError):
+    pass
+  return None
+
+
 def console():
   """The stream a person reads (the progress bar, warnings, the final message)."""
   return _console or sys.stderr
@@ -294,7 +305,8 @@ def log_to_workdir(workdir):
   log = open(local, 'ab', buffering=0)  # pylint: disable=consider-using-with
   sys.stderr.flush()
   terminal = os.dup(2)
-  _console = os.fdopen(os.dup(2), 'w', buffering=1)
+  own = _own_terminal()
+  _console = own or sys.stderr
   os.dup2(log.fileno(), 2)
   root = logging.getLogger()
   handlers, level = root.handlers[:], root.level
@@ -320,7 +332,8 @@ def log_to_workdir(workdir):
     sys.stderr.flush()
     os.dup2(terminal, 2)
     os.close(terminal)
-    _console.close()
+    if own:
+      own.close()
     _console = None
     with contextlib.suppress(OSError):  # a full disk fails the last flush: the run says so
       to_file.stream.close()

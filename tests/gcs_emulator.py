@@ -31,7 +31,7 @@ OFFLINE_ENV = {
     'GCE_METADATA_ROOT': '127.0.0.1:9',  # ...and if something still does: a closed port
     'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'fake',  # tensorstore: a fixed token, no OAuth
     'FSSPEC_GCS_TOKEN': 'anon', 'FSSPEC_GS_TOKEN': 'anon',  # gcsfs: anonymous
-    'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',  # gcsfs: no gRPC bucket probe (60 s hangs)
+    'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',  # gcsfs: no gRPC bucket probe (it hangs)
     'EPATH_USE_TF': 'false',  # etils.epath: gs:// through gcsfs, not tf.io.gfile
     'GOOGLE_CLOUD_PROJECT': 'test',
 }
@@ -45,7 +45,7 @@ def client_env(endpoint: str) -> dict:
 
 def _move(request, response, storage, *args, **kwargs):  # pylint: disable=unused-argument
   """objects.move (POST .../o/SRC/moveTo/o/DST), which gcsfs's rename uses and the
-  emulator lacks: without it gcsfs retries for ~30 s before copying and deleting."""
+  emulator lacks: without it gcsfs retries for a long while before copying and deleting."""
   from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
   p = request.params

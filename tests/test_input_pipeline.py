@@ -32,10 +32,10 @@ def digits_dir(tmp_path_factory):
   return str(data_dir)
 
 
-def make_config(data_dir, **overrides):
-  return data_config('digits', **{'data_dir': data_dir, 'eval_split': 'test', 'image_size': 32,
-                                  'augment': 'small', 'batch_size': 32, 'shuffle_buffer': 256,
-                                  **overrides})
+def make_config(data_dir, dataset='digits', **overrides):
+  return data_config(dataset, **{'data_dir': data_dir, 'eval_split': 'test', 'image_size': 32,
+                                 'augment': 'small', 'batch_size': 32, 'shuffle_buffer': 256,
+                                 **overrides})
 
 
 def take(iterator, n):

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_model_import_is_light():
-  """The model alone: no TensorFlow, Orbax, torch or C++ build (README gives the time)."""
+  """The model alone: no TensorFlow, Orbax, torch or C++ build."""
   code = ('import sys, time\n'
           'start = time.perf_counter()\n'
           'from gnet_jax import GoogLeNet, ModelSpec, apply_fn, init_fn\n'

@@ -252,7 +252,7 @@ def test_auto_dtype_follows_the_device(device, dtype):
 def test_the_run_says_which_dtype_auto_chose(short_run):
   workdir, _, recorder = short_run
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['model']['dtype'] == 'float32'  # 'auto' on a CPU
+    assert json.load(f)['runtime']['dtype'] == 'float32'  # 'auto' on a CPU
   assert any('computing in float32 (auto: CPUs emulate' in m for m in recorder.messages)
 
 

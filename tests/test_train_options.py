@@ -44,7 +44,7 @@ def data16():
           rng.integers(0, 10, 16).astype(np.int32))
 
 
-@pytest.mark.slow  # compiles the whole network (~40-100 s on 2 cores)
+@pytest.mark.slow  # compiles the whole network
 def test_accumulating_two_batches_of_8_equals_one_batch_of_16(data16):
   images, labels = data16
   accumulated = experiment(config_for(batch_size=8, grad_accum_steps=2))
@@ -68,7 +68,7 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16(data16):
   np.testing.assert_allclose(history['lr'][:2], [0.1 * 16 / 256] * 2, rtol=1e-6)
 
 
-@pytest.mark.slow  # compiles the whole network (~40-100 s on 2 cores)
+@pytest.mark.slow  # compiles the whole network
 def test_ema_is_the_running_average_of_parameters_and_statistics(data16):
   images, labels = data16
   config = config_for(batch_size=8, ema_decay=0.75, steps_per_execution=1)
@@ -90,7 +90,7 @@ def test_ema_is_the_running_average_of_parameters_and_statistics(data16):
     experiment(config_for(ema_decay=1.0)).init()
 
 
-@pytest.mark.slow  # compiles the whole network (~40-100 s on 2 cores)
+@pytest.mark.slow  # compiles the whole network
 def test_float16_overflow_halves_the_scale_and_skips_the_step(data16):
   images, labels = data16
   config = config_for(batch_size=8, steps_per_execution=1)
@@ -156,7 +156,7 @@ def test_wandb_writer_offline(tmp_path, monkeypatch):
   assert wandb.run is None  # finished
 
 
-@pytest.mark.slow  # compiles the whole network (~40-100 s on 2 cores)
+@pytest.mark.slow  # compiles the whole network
 def test_nnx_bridge_trains_a_step_and_gives_apply_fns_logits():
   """The README's NNX snippet: GoogLeNet wrapped for NNX, one nnx.Optimizer step, and the
   same logits as apply_fn on the same variables."""

@@ -26,8 +26,7 @@ def model_blocks(choice: str, devices) -> dict:
   - CPU otherwise ('xla', or several devices): XLA's convolutions with the gathered
     max-pool gradient (`pool.GatherMaxPool`), a third of a train step faster there.
   - GPU and TPU: the model's own blocks; by the compiler's estimate XLA's max-pool
-    gradient moves half the bytes of the gathered one on a TPU v5e (307 vs 632 MB per
-    image, BENCHMARKS.md, TPU compile report).
+    gradient moves fewer bytes than the gathered one on a TPU (BENCHMARKS.md, TPU).
   """
   if choice not in CHOICES:
     raise ValueError(f'config.runtime.cpu_convolutions must be one of {CHOICES}, got '

@@ -1,5 +1,5 @@
 """CPU tuning: XLA settings that make the train step faster and use less memory
-(BENCHMARKS.md has the figures).
+(BENCHMARKS.md, "CPU choices").
 
 XLA reads XLA_FLAGS once, when JAX first touches a device, so call
 `use_fast_cpu_kernels()` before any JAX computation (train.py, predict and bench/ do).
@@ -9,11 +9,10 @@ import os
 
 import jax
 
-# XLA CPU's default hands convolutions to the YNNPACK library, whose kernel gradients run
-# at a quarter of the speed of XLA's own (Eigen) convolutions here; reductions (BatchNorm
-# statistics) stay with YNNPACK, where they are faster. The scheduler that favours running
-# independent ops at once keeps a third more activations alive for no gain on GoogLeNet.
-# Measured on jaxlib 0.10.2.
+# XLA CPU's default hands convolutions to the YNNPACK library, whose kernel gradients are
+# slower than XLA's own (Eigen) convolutions here; reductions (BatchNorm statistics) stay
+# with YNNPACK, where they are faster. The scheduler that favours running independent ops
+# at once keeps more activations alive for no gain on GoogLeNet.
 FAST_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',
                   '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 

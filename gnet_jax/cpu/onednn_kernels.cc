@@ -8,11 +8,10 @@
 // - Winograd F(2x2, 3x3) for the 3x3 convolutions it is faster on (namespace winograd).
 // gnet_jax/cpu/build.py builds this file and registers the handlers.
 //
-// Why: XLA CPU's own (Eigen) kernel gradients run at a fraction of oneDNN's on the same
-// shapes, its max pools and their gradients took a sixth of the train step, and in
-// inference the BatchNorm and ReLU after each convolution are one more pass over memory;
-// in training XLA compiled each BatchNorm into ~14 kernels (BENCHMARKS.md, changes
-// 8-11).
+// Why: XLA CPU's own (Eigen) kernel gradients are slower than oneDNN's on the same
+// shapes, its max pools and their gradients are slow, in inference the BatchNorm and ReLU
+// after each convolution are one more pass over memory, and in training XLA compiles each
+// BatchNorm into many kernels (BENCHMARKS.md, "CPU choices").
 //
 // Threads: each call cuts its batch into one chunk per thread of XLA's intra-op pool and
 // runs oneDNN single-threaded on each chunk, on the calling thread and on the pool.
@@ -211,18 +210,18 @@ memory At(const memory::desc& chunk, void* data, int i) {
 // Winograd F(2x2, 3x3): a 3x3 convolution at stride 1, padding 1, computed on 4x4 input
 // tiles that each give a 2x2 output tile, as 16 matrix products of (tiles x in) by
 // (in x out) channels: 16 multiplications per tile and channel pair where the direct
-// convolution does 36. oneDNN 3.2 has no float32 Winograd on x86-64; here it is 1.1-1.6x
-// oneDNN's direct convolution on GoogLeNet's 3x3 layers, with errors no larger than the
-// direct convolution's (BENCHMARKS.md, change 14). Transforms from Lavin & Gray (2015).
+// convolution does 36. oneDNN 3.2 has no float32 Winograd on x86-64; this one beats its
+// direct convolution on GoogLeNet's 3x3 layers, with errors no larger than the direct
+// convolution's (BENCHMARKS.md, "CPU choices"). Transforms from Lavin & Gray (2015).
 namespace winograd {
 
 // Tiles per block: a block's transformed input and products (~1-2 MB) stay in L2.
 constexpr int64_t kTileBlock = 64;
 
-// Where it beats the direct convolution, measured on GoogLeNet's layers at 16 images per
-// thread: 1.1-1.6x from 64 input channels up; slower with 32-48 input channels, or on odd
-// sizes (7x7), where 15 of the 64 outputs computed per channel are thrown away.
-// GNET_JAX_WINOGRAD=0 (read on every call) keeps those on the direct convolution too.
+// Where it beats the direct convolution on GoogLeNet's layers: from 64 input channels up;
+// not with fewer input channels, nor on odd sizes (7x7), where 15 of the 64 outputs
+// computed per channel are thrown away. GNET_JAX_WINOGRAD=0 (read on every call) keeps
+// the covered ones on the direct convolution too.
 bool Covers(const Geometry& g, int64_t in_channels, int64_t out_channels) {
   const char* setting = std::getenv("GNET_JAX_WINOGRAD");
   if (setting && std::string(setting) == "0") return false;
@@ -628,7 +627,7 @@ ffi::Error MaxPoolBackward(ffi::ThreadPool threads, F32 dy, U8 ws,
 
 // BatchNorm + ReLU in training, written out rather than oneDNN's primitive: its statistics
 // are over the whole batch, so the primitive runs on oneDNN's own threads, which compete
-// with the XLA ops running beside it (BENCHMARKS.md, change 11). Here the (rows, channels)
+// with the XLA ops running beside it. Here the (rows, channels)
 // array is cut into one slice of rows per thread of XLA's pool, as the convolutions are.
 // The ReLU's mask is recomputed from x in the gradient: no workspace.
 
@@ -648,9 +647,8 @@ struct Affine {
 };
 
 // The loops over rows below are compiled for AVX-512, AVX2 and plain x86-64, the best
-// picked when the library loads: AVX-512 took a quarter off their time on this project's
-// machine (BENCHMARKS.md, change 11). Each vectorises over channels, so every clone adds
-// in the same order.
+// picked when the library loads, which the widest vectors make fastest. Each vectorises
+// over channels, so every clone adds in the same order.
 #define GNET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // Per-channel sums of u and u * x over rows [begin, end) of (rows, c) arrays, added into

@@ -1,10 +1,10 @@
 """GoogLeNet's float32 convolutions, max pools and BatchNorms on CPU as XLA FFI calls
 (onednn_kernels.cc, oneDNN and plain C++), with their own gradients.
 
-XLA CPU computes convolutions with Eigen, whose kernel gradients run at a fraction of
-oneDNN's (the library PyTorch uses) on GoogLeNet's shapes, its max pools and their
-gradients took a sixth of the train step, and its BatchNorms were most of the step's
-compiled kernels (BENCHMARKS.md, changes 8, 9 and 11):
+XLA CPU's convolutions (Eigen) compute their kernel gradients slower than oneDNN (the
+library PyTorch uses) on GoogLeNet's shapes, its max pools and their gradients are slow,
+and each of its BatchNorms compiles into many kernels; these calls replace them
+(BENCHMARKS.md, "CPU choices"):
 - `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
   `nn.Conv(conv_general_dilated=...)`);
 - `conv_bias_relu` is relu(conv(x, w) + b) in one call: an inference-mode
@@ -16,7 +16,7 @@ compiled kernels (BENCHMARKS.md, changes 8, 9 and 11):
 On CPU they call the library `build.available()` registers; in programs for GPU or TPU,
 and for what that file does not cover (other dtypes, dilation, groups, other layouts),
 they are XLA's. The 3x3 convolutions at stride 1 with 64 or more channels run as Winograd
-F(2x2, 3x3) (change 14); `GNET_JAX_WINOGRAD=0` keeps them on oneDNN's direct convolution.
+F(2x2, 3x3); `GNET_JAX_WINOGRAD=0` keeps them on oneDNN's direct convolution.
 
 XLA cannot split these calls over devices: a program sharded over several devices would
 run each of them whole on every device, so `gnet_jax.cpu.model_blocks` uses them only
@@ -89,8 +89,8 @@ def _dispatch(cpu, default, *args):
   """cpu(*args) in a program for CPU, default(*args) (XLA's ops) in one for GPU or TPU.
 
   Where CPU is JAX's default backend, programs are lowered for CPU and `cpu` is called
-  directly: `lax.platform_dependent` traces and differentiates both functions, which took
-  3.5 s of the train step's compile (BENCHMARKS.md, change 12).
+  directly: `lax.platform_dependent` would trace and differentiate both functions, a
+  large part of the train step's compile (BENCHMARKS.md, "CPU choices").
   """
   if jax.default_backend() == 'cpu':
     return cpu(*args)

@@ -16,8 +16,7 @@ Split (fixed, documented, no randomness, identical on every machine): in
 6th, 11th, ...) is `test` (364 images, 35-37 per class), the rest `train` (1,433).
 Stratified and interleaved, so both splits hold every writer, as with the usual
 random split of this data set. (The file is ordered by writer: a split that takes its
-tail tests on unseen writers, which is harder: an RBF SVM (gamma 0.001) scores 95.8% on
-the last 360 images against 98.9% on this test split.)
+tail would test on unseen writers, a harder task.)
 
 Features: `image` uint8 (8, 8, 1) PNG, the 0..16 intensities scaled to 0..255
 (`round(v * 255 / 16)`); `label` ClassLabel with names '0'..'9'; `index` int64,

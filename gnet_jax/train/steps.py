@@ -103,7 +103,7 @@ def train_steps(state: TrainState, batches, num_steps, *, step_fn):
 
   XLA allocates a program's temporaries afresh for each call, and on CPU their page
   faults are a large part of a call; K steps per call (config.steps_per_execution) pay
-  that once (BENCHMARKS.md, change 13).
+  that once (BENCHMARKS.md, "CPU choices").
   """
   k = jax.tree.leaves(batches)[0].shape[0]
   nth = lambda i: jax.tree.map(lambda x: x[i], batches)
