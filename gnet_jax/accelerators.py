@@ -23,6 +23,13 @@ def _version(distribution: str) -> str | None:
     return None
 
 
+def _pinned(version: str, pin: str) -> bool:
+  """Whether `version` is what `==pin` allows, with PEP 440's trailing `.*` prefix match."""
+  if pin.endswith('.*'):
+    return version == pin[:-2] or version.startswith(pin[:-1])
+  return version == pin
+
+
 def libtpu_pin() -> str | None:
   """The libtpu version the installed jax asks for with its `tpu` extra (jax[tpu])."""
   for requirement in importlib.metadata.requires('jax') or ():
@@ -38,7 +45,7 @@ def version_mismatches() -> list[str]:
   problems = [f'{p} {v} is not at jaxlib\'s version {jaxlib}' for p in PLUGINS
               if (v := _version(p)) is not None and v != jaxlib]
   libtpu, pin = _version('libtpu'), libtpu_pin()
-  if libtpu is not None and pin is not None and libtpu != pin:
+  if libtpu is not None and pin is not None and not _pinned(libtpu, pin):
     problems.append(f'libtpu {libtpu} is not the {pin} that jax {_version("jax")} asks for')
   return problems
 

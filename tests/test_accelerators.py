@@ -56,6 +56,18 @@ def test_versions_that_do_not_belong_together(tmp_path, versions):
       CPU, dev=str(tmp_path), environ={})
 
 
+def test_a_pin_with_a_wildcard(monkeypatch, versions):
+  """jax 0.12 asks for libtpu==0.0.50.*: any 0.0.50 release belongs with it, 0.0.5 does not."""
+  monkeypatch.setattr(accelerators.importlib.metadata, 'requires', lambda name: [
+      'libtpu==0.0.50.*; extra == "tpu"'])
+  for libtpu in ('0.0.50', '0.0.50.1'):
+    versions['libtpu'] = libtpu
+    assert accelerators.version_mismatches() == []
+  versions['libtpu'] = '0.0.5'
+  assert accelerators.version_mismatches() == [
+      'libtpu 0.0.5 is not the 0.0.50.* that jax 0.7.2 asks for']
+
+
 def test_this_installation():
   """The suite's own environment: a coherent jax stack, and a report JAX can give."""
   assert accelerators.version_mismatches() == []
