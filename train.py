@@ -95,10 +95,11 @@ def _train(log_file) -> str | None:
   import jax
   from gnet_jax import accelerators, faults, paths
   # pylint: enable=import-outside-toplevel
-  try:
-    paths.check_writable(FLAGS.workdir)  # a bucket, before anything is compiled
-  except faults.StorageFault as e:
-    return str(e)
+  if paths.is_remote(FLAGS.workdir):  # a bucket, before anything is compiled (a local
+    try:                              # workdir was checked before train.log was opened)
+      paths.check_writable(FLAGS.workdir)
+    except faults.StorageFault as e:
+      return str(e)
   devices = jax.devices()
   logger.info('JAX %s, %d process(es), devices: %s', jax.__version__, jax.process_count(),
               devices)
